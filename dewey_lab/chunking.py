@@ -94,9 +94,11 @@ def _length_function(unit: str):
 def recursive_spans(text: str, size: int, overlap: int, unit: str = "chars") -> list[Span]:
     """Spans of langchain's RecursiveCharacterTextSplitter chunks.
 
-    We locate each chunk ourselves, after the previous chunk's start: langchain's own
-    ``start_index`` subtracts the overlap from a character offset, which is wrong whenever
-    ``length_function`` is not ``len``.
+    We locate each chunk ourselves: langchain's own ``start_index`` subtracts the overlap from a
+    character offset, wrong whenever ``length_function`` is not ``len``. Chunks come in text
+    order, so each is searched after the previous one's start; a repeated fragment that langchain
+    re-emits out of order (e.g. a lone "|" of a table border) falls back to its first occurrence,
+    which has the same text and so the same teacher target.
     """
     splitter = RecursiveCharacterTextSplitter(chunk_size=size, chunk_overlap=overlap,
                                               length_function=_length_function(unit))
@@ -104,9 +106,12 @@ def recursive_spans(text: str, size: int, overlap: int, unit: str = "chars") -> 
     for chunk in splitter.split_text(text):
         start = text.find(chunk, prev + 1)
         if start < 0:
-            raise RuntimeError(f"langchain returned a chunk that is not a substring after offset {prev}")
+            start = text.find(chunk)
+            if start < 0:
+                raise RuntimeError("langchain returned a chunk that is not a substring of its text")
+        else:
+            prev = start
         spans.append((start, start + len(chunk)))
-        prev = start
     return spans
 
 

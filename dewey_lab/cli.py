@@ -8,11 +8,14 @@ stem.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from dewey_lab.datamodule import DistillDataModule
@@ -43,17 +46,65 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("DEWEY_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if args is None else list(args)
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
-    parser_kwargs = {"parser_mode": "omegaconf+"}
-    parser_kwargs.update({sub: {"default_config_files": defaults} for sub in ("fit", "validate", "test", "predict")})
+    sub_kwargs = {"default_config_files": defaults, "exit_on_error": False}
+    parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}
+    parser_kwargs.update({sub: dict(sub_kwargs) for sub in ("fit", "validate", "test", "predict")})
     try:
-        DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=args,
+        check_config_files(argv)
+        DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError) as err:
+    except (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError) as err:
         if os.environ.get("DEWEY_TRACEBACK"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Fail on a missing or malformed experiment file before the parser buries it in usage text."""
+    import yaml
+
+    for flag, value in zip(argv, argv[1:]):
+        if flag not in ("-c", "--config"):
+            continue
+        path = Path(value)
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
+            raise FileNotFoundError(f"experiment file {path} not found; experiments here: {known}")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path} is not valid YAML ({getattr(err, 'problem', err)}{where}); fix its syntax") from None
+
+
+def one_line(err: BaseException) -> str:
+    """One line that says what is wrong and how to fix it, from a (possibly nested) parser error."""
+    text = str(err).strip().strip('"')
+    key = re.search(r'Parser key "([^"]+)"', text)
+    cls = re.search(r"Problem with given class_path '([^']+)'", text)
+    base = re.search(r"Subtypes: \[<class '([\w.]+)'>", text)
+    if key and cls and base:
+        module, _, name = base.group(1).rpartition(".")
+        base_cls = getattr(importlib.import_module(module), name)
+        valid = sorted(f"{c.__module__}.{c.__qualname__}" for c in _subclasses(base_cls))
+        return f"{key.group(1)}: unknown class {cls.group(1)}; use one of {', '.join(valid)}"
+    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
+    line = " ".join(lines)[:400]
+    if isinstance(err, ArgumentError):
+        line += " (dewey-lab fit --help lists every key and its type)"
+    return line
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_subclasses(sub))
+    return out
 
 
 if __name__ == "__main__":

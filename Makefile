@@ -1,0 +1,41 @@
+# dewey_lab: `make help` lists the targets. `make train` and `make test` set up .venv on first use.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+EXP ?= tiny
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU-only machines get the CPU build of torch 2.13.0; machines with nvidia-smi get the newest CUDA
+# build pip allows. Override with e.g. `make setup TORCH='torch==2.14.1'`.
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+EXTRAS ?= dev
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: EXP=$(EXP) (experiments/<EXP>.yaml)  TORCH=$(TORCH)  EXTRAS=$(EXTRAS)"
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hub,flash for more)
+
+train: setup ## train experiments/$(EXP).yaml (default tiny: offline, CPU, ~10 min)
+	$(VENV)/bin/dewey-lab fit -c experiments/$(EXP).yaml
+
+test: setup ## run the test suite (CPU, offline; what CI runs)
+	$(PY) -m pytest
+
+tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)
+	$(VENV)/bin/tensorboard --logdir runs
+
+lint: setup ## ruff over the package and tests
+	$(VENV)/bin/ruff check dewey_lab tests
+
+clean: ## remove runs/ and results/ (keeps data/: corpus and teacher cache)
+	rm -rf runs results lightning_logs
+
+.PHONY: help setup train test tensorboard lint clean

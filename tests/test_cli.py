@@ -1,0 +1,104 @@
+"""The command line: a fit smoke run on the tiny config, every experiment parses, bad input -> one line."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dewey_lab.cli import REPO, main
+
+TINY = str(REPO / "experiments" / "tiny.yaml")
+
+
+def _small(tmp_path, corpus_path, cache_dir, **overrides):
+    """A config stacked on tiny.yaml: ten small documents, two steps, logs under tmp_path."""
+    cfg = {
+        "trainer": {"max_steps": 2, "max_epochs": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+                    "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}},
+                    "default_root_dir": str(tmp_path / "runs")},
+        "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus_path)}},
+                 "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": 2, "batch_size": 4,
+                 "val_fraction": 0.3},
+        "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                         "num_attention_heads": 2}}},
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_fit_smoke_run_logs_losses_and_val_cosines(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir)])
+    events = list((tmp_path / "runs" / "small").rglob("events.out.tfevents*"))
+    assert events, "TensorBoard run should be named after the last experiment file"
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/loss_cosine_whole", "train/loss_cosine_chunk", "train/loss_similarity_whole",
+                "train/loss_similarity_chunk", "val/cos_whole", "val/cos_chunk", "val/cos_whole_baseline",
+                "val/cos_chunk_baseline", "teacher/cache_hits", "teacher/cache_misses"}
+    assert expected <= tags, expected - tags
+    assert list((tmp_path / "runs" / "small").rglob("*.ckpt"))
+    assert list((tmp_path / "runs" / "small").rglob("config.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
+def test_every_experiment_parses(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(REPO / "experiments" / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["student"]["global_rope_theta"] > 0
+
+
+def _error_line(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    return err[0]
+
+
+def test_unknown_pooling_class_lists_the_valid_ones(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  whole_pooling:\n    class_path: dewey_lab.pooling.MaxPooling\n")
+    line = _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])
+    assert "model.whole_pooling" in line and "dewey_lab.pooling.MeanPooling" in line
+
+
+def test_malformed_yaml_and_missing_experiment(tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model:\n  lr: [1e-4\n")
+    assert "not valid YAML" in _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])
+    assert "experiments here:" in _error_line(capsys, ["fit", "-c", "experiments/no_such_study.yaml"])
+
+
+def test_missing_corpus_path(tmp_path, small_corpus_path, shared_cache_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _small(tmp_path, tmp_path / "missing.jsonl", shared_cache_dir)
+    line = _error_line(capsys, ["fit", "-c", TINY, "-c", cfg])
+    assert "does not exist" in line and "path" in line
+
+
+def test_teacher_dim_differs_without_projection(tmp_path, small_corpus_path, shared_cache_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _small(tmp_path, small_corpus_path, shared_cache_dir, **{"model.projection": "none"})
+    line = _error_line(capsys, ["fit", "-c", TINY, "-c", cfg])
+    assert "384-d" in line and "model.projection: auto" in line
+
+
+def test_wrong_type_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_size: many\n")
+    assert "data.batch_size" in _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])

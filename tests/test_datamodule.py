@@ -1,0 +1,129 @@
+"""The data module: windows, chunks, teacher fill through the cache, batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from dewey_lab.corpus import JsonlCorpus
+from dewey_lab.datamodule import DistillDataModule, example_keys
+from dewey_lab.teacher import SentenceTransformerTeacher, Teacher
+
+
+class CountingTeacher(Teacher):
+    """A deterministic stand-in teacher: vectors from the text's bytes; counts what it embeds."""
+
+    def __init__(self, dim: int = 12):
+        self.dim, self.calls = dim, []
+
+    @property
+    def fingerprint(self) -> str:
+        return f"counting-{self.dim}"
+
+    def encode(self, texts):
+        self.calls.extend(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for j, byte in enumerate(t.encode()):
+                out[i, j % self.dim] += (byte % 7) - 3
+            out[i] /= max(1e-6, np.linalg.norm(out[i]))
+        return out
+
+
+def _dm(corpus_path, cache_dir, teacher=None, **kw):
+    args = dict(max_length=128, overflow="split", max_windows_per_doc=3, val_fraction=0.2, batch_size=4)
+    args.update(kw)
+    return DistillDataModule(corpus=JsonlCorpus(str(corpus_path)), teacher=teacher or CountingTeacher(),
+                             cache_dir=str(cache_dir), **args)
+
+
+def test_fill_then_all_hits_and_the_teacher_is_not_called_again(small_corpus_path, tmp_path):
+    first = CountingTeacher()
+    dm = _dm(small_corpus_path, tmp_path, first)
+    dm.prepare_data()
+    assert dm.fill_stats.misses == dm.fill_stats.unique_texts > 20 and dm.fill_stats.hits == 0
+    assert len(first.calls) == len(set(first.calls)) == dm.fill_stats.unique_texts  # each text once
+    second = CountingTeacher()
+    dm2 = _dm(small_corpus_path, tmp_path, second)
+    dm2.prepare_data()
+    assert second.calls == [] and dm2.fill_stats.hit_rate == 1.0
+    # the real teacher never loads its model when the cache is complete
+    real = SentenceTransformerTeacher()
+    assert "model" not in real.__dict__
+
+
+def test_batches_carry_exact_chunk_spans_and_teacher_vectors(small_corpus_path, tmp_path, tokenizer):
+    teacher = CountingTeacher()
+    dm = _dm(small_corpus_path, tmp_path, teacher, prompt="passage: ")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.teacher_dim == 12
+    teacher.calls.clear()
+    batch = next(iter(dm.train_dataloader()))
+    B, T = batch["input_ids"].shape
+    assert B == 4 and T <= 128
+    n = batch["chunk_row"].numel()
+    assert batch["t_chunk"].shape == (n, 12) and batch["t_whole"].shape == (4, 12)
+    prompt_len = len(tokenizer("passage: ", add_special_tokens=False)["input_ids"])
+    for b in range(B):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+        content = batch["content_mask"][b].tolist()
+        assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+        # CLS, the prompt's tokens, SEP and padding are never pooled
+        assert not any(content[: 1 + prompt_len]) and not content[len(ids) - 1]
+        assert all(content[1 + prompt_len: len(ids) - 1])
+    # each chunk's teacher vector is the teacher's embedding of exactly that chunk text
+    for i in range(n):
+        row, s, e = batch["chunk_row"][i], batch["chunk_start"][i], batch["chunk_end"][i]
+        assert 0 < s < e <= T and batch["content_mask"][row, s:e].all()
+    assert teacher.calls == []  # batches read the cache only
+
+
+def test_chunk_targets_match_the_chunk_text(small_corpus_path, tmp_path):
+    teacher = CountingTeacher()
+    dm = _dm(small_corpus_path, tmp_path, teacher)
+    dm.prepare_data()
+    dm.setup("fit")
+    ex = dm.datasets["train"].examples[0]
+    item = dm.datasets["train"][0]
+    s, e = ex.chunks[0]
+    np.testing.assert_allclose(item["t_chunk"][0], teacher.encode([ex.text[s:e]])[0], rtol=1e-6)
+    np.testing.assert_allclose(item["t_whole"], teacher.encode([ex.text])[0], rtol=1e-6)
+    whole, chunks = example_keys(teacher.fingerprint, ex)
+    assert len(chunks) == len(ex.chunks)
+
+
+def test_windows_and_held_out_documents(small_corpus_path, tmp_path, tokenizer):
+    dm = _dm(small_corpus_path, tmp_path, max_windows_per_doc=None)
+    ex = dm.examples()
+    train_docs = {e.doc_id for e in ex["train"]}
+    val_docs = {e.doc_id for e in ex["val"]}
+    assert train_docs and val_docs and not (train_docs & val_docs)  # held out by document
+    for e in ex["train"] + ex["val"]:
+        assert len(tokenizer(e.text)["input_ids"]) <= 128 + 2  # a window fits (re-tokenised at a word cut)
+    truncated = _dm(small_corpus_path, tmp_path, overflow="truncate").examples()
+    assert len({e.doc_id for e in truncated["train"]}) == len(truncated["train"])  # one window per document
+    assert len(ex["train"]) > len(truncated["train"])
+
+
+def test_teacher_means_are_the_training_mean(small_corpus_path, tmp_path):
+    teacher = CountingTeacher()
+    dm = _dm(small_corpus_path, tmp_path, teacher)
+    dm.prepare_data()
+    dm.setup("fit")
+    wholes = teacher.encode([e.text for e in dm.examples()["train"]])
+    torch.testing.assert_close(dm.teacher_means["whole"], torch.from_numpy(wholes.mean(0)), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "hello there general kenobi"}\n{"text": "  \\n "}\n{"text": ""}\n')
+    dm = DistillDataModule(corpus=JsonlCorpus(str(path)), teacher=CountingTeacher(), cache_dir=str(tmp_path / "c"),
+                           val_fraction=0.0, max_length=64)
+    assert len(dm.examples()["train"]) == 1 and dm.corpus.skipped_empty == 2
+
+
+def test_missing_corpus_path_names_the_fix(tmp_path):
+    dm = DistillDataModule(corpus=JsonlCorpus(str(tmp_path / "nope.jsonl")), teacher=CountingTeacher(),
+                           cache_dir=str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="does not exist; .*path"):
+        dm.prepare_data()
