@@ -14,7 +14,7 @@ TINY = str(REPO / "experiments" / "tiny.yaml")
 def _small(tmp_path, corpus_path, cache_dir, **overrides):
     """A config stacked on tiny.yaml: ten small documents, two steps, logs under tmp_path."""
     cfg = {
-        "trainer": {"max_steps": 2, "max_epochs": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+        "trainer": {"max_steps": 2, "max_epochs": 1, "log_every_n_steps": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}},
                     "default_root_dir": str(tmp_path / "runs")},
         "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus_path)}},
