@@ -128,7 +128,18 @@ class _LocalFileCorpus(CorpusSource):
         return {**config, "files": _file_stats(self._files())}
 
 
-class JsonlCorpus(_LocalFileCorpus):
+class _RecordCorpus(_LocalFileCorpus):
+    """Local records with a text field and an optional id field (jsonl rows, parquet rows)."""
+
+    def __init__(
+        self, path: str, text_field: str = "text", id_field: str | None = "id", limit: int | None = None
+    ) -> None:
+        super().__init__(path, limit)
+        self.text_field = text_field
+        self.id_field = id_field
+
+
+class JsonlCorpus(_RecordCorpus):
     """One JSON object per line (``.jsonl`` or ``.jsonl.gz``; a file or a directory of them).
 
     Args:
@@ -140,13 +151,6 @@ class JsonlCorpus(_LocalFileCorpus):
 
     _suffixes = (".jsonl", ".jsonl.gz")
     _kind = ".jsonl"
-
-    def __init__(
-        self, path: str, text_field: str = "text", id_field: str | None = "id", limit: int | None = None
-    ) -> None:
-        super().__init__(path, limit)
-        self.text_field = text_field
-        self.id_field = id_field
 
     def _raw(self) -> Iterator[tuple[str, str]]:
         for file in self._files():
@@ -204,7 +208,7 @@ class TextCorpus(_LocalFileCorpus):
                     yield f"{file.name}:{line_no}", line.rstrip("\n")
 
 
-class ParquetCorpus(_LocalFileCorpus):
+class ParquetCorpus(_RecordCorpus):
     """Parquet file(s) read in record batches, so memory stays bounded for large shards.
 
     Args:
@@ -217,13 +221,6 @@ class ParquetCorpus(_LocalFileCorpus):
     _suffixes = (".parquet",)
     _kind = ".parquet"
     _batch_rows = 1024
-
-    def __init__(
-        self, path: str, text_field: str = "text", id_field: str | None = "id", limit: int | None = None
-    ) -> None:
-        super().__init__(path, limit)
-        self.text_field = text_field
-        self.id_field = id_field
 
     def _raw(self) -> Iterator[tuple[str, str]]:
         import pyarrow.parquet as pq  # lazy: keeps `import dewey_lab.corpus` (and the pydoc child) light
