@@ -8,6 +8,7 @@ cache lacks, and ``training_step`` never sees a teacher. The model loads lazily,
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
@@ -103,8 +104,6 @@ class SentenceTransformerTeacher(Teacher):
         return st
 
     def encode(self, texts: Sequence[str], show_progress_bar: bool = False) -> np.ndarray:
-        import time
-
         t0 = time.perf_counter()
         vecs = self.model.encode(
             list(texts), batch_size=self.batch_size, prompt=self.prompt, normalize_embeddings=self.normalize,
