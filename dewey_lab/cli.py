@@ -9,6 +9,7 @@ stem.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -66,7 +67,7 @@ def check_config_files(argv: list[str]) -> None:
     """Fail on a missing or malformed experiment file before the parser buries it in usage text."""
     import yaml
 
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag not in ("-c", "--config"):
             continue
         path = Path(value)

@@ -72,8 +72,8 @@ def build_student(spec: StudentConfig, tokenizer=None) -> ModernBertModel:
     if spec.name_or_path is None:
         tok = tokenizer if tokenizer is not None else load_tokenizer(spec.tokenizer_name)
         # a random student speaks its tokenizer's vocabulary and special ids
-        kwargs = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
-                      sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+        kwargs = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "cls_token_id": tok.cls_token_id,
+                  "sep_token_id": tok.sep_token_id, "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id}
         kwargs.update(spec.config)
         config = ModernBertConfig(**kwargs)
     else:

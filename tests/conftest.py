@@ -7,10 +7,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from dewey_lab.resolve import OFFLINE_TEACHER  # noqa: E402
+from dewey_lab.resolve import OFFLINE_TEACHER
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,5 +1,6 @@
 """Chunking: the paper's distributions, determinism, and char -> token span mapping."""
 
+import itertools
 import random
 import statistics
 
@@ -13,7 +14,7 @@ LOREM = ("Embeddings of long documents need chunk-level supervision.\n\n" + " ".
 
 def _docs(n):
     rng = random.Random(5)
-    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    vocab = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
     return [" ".join(rng.choice(vocab) for _ in range(rng.randint(50, 400))) for _ in range(n)]
 
 
@@ -61,7 +62,7 @@ def test_word_spans_overlap_by_at_most_overlap():
     words = [text[s:e].split() for s, e in spans]
     assert words[0] == [f"w{i}" for i in range(10)]
     assert words[1][0] == "w6"  # 4 words of overlap
-    for a, b in zip(words, words[1:]):
+    for a, b in itertools.pairwise(words):
         assert len(set(a) & set(b)) <= 4
 
 

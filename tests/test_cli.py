@@ -1,6 +1,5 @@
 """The command line: a fit smoke run on the tiny config, every experiment parses, bad input -> one line."""
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -30,7 +30,7 @@ class CountingTeacher(Teacher):
 
 
 def _dm(corpus_path, cache_dir, teacher=None, **kw):
-    args = dict(max_length=128, overflow="split", max_windows_per_doc=3, val_fraction=0.2, batch_size=4)
+    args = {"max_length": 128, "overflow": "split", "max_windows_per_doc": 3, "val_fraction": 0.2, "batch_size": 4}
     args.update(kw)
     return DistillDataModule(corpus=JsonlCorpus(str(corpus_path)), teacher=teacher or CountingTeacher(),
                              cache_dir=str(cache_dir), **args)
@@ -88,7 +88,7 @@ def test_chunk_targets_match_the_chunk_text(small_corpus_path, tmp_path):
     s, e = ex.chunks[0]
     np.testing.assert_allclose(item["t_chunk"][0], teacher.encode([ex.text[s:e]])[0], rtol=1e-6)
     np.testing.assert_allclose(item["t_whole"], teacher.encode([ex.text])[0], rtol=1e-6)
-    whole, chunks = example_keys(teacher.fingerprint, ex)
+    _whole, chunks = example_keys(teacher.fingerprint, ex)
     assert len(chunks) == len(ex.chunks)
 
 

@@ -41,4 +41,4 @@ def test_missing_student_path_names_the_fix():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_student(StudentConfig(name_or_path="./no/such/model"))
     with pytest.raises(ValueError, match="model.student.tokenizer"):
-        StudentConfig().tokenizer_name
+        _ = StudentConfig().tokenizer_name
