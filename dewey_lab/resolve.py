@@ -42,16 +42,17 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
     """Identity of a model's weights without loading them.
 
     Hub ids: ``id@revision`` (pin ``revision`` to a commit for a cache that never goes stale).
-    Local directories: sha256 over file names and contents (files above 256 MiB by size and
-    mtime, so a 14 GB teacher is not read twice).
+    Local directories and single files (a Lightning checkpoint): sha256 over file names and
+    contents (files above 256 MiB by size and mtime, so a 14 GB teacher is not read twice).
     """
     path = Path(resolve_model(name))
     if not path.exists():
         return f"{name}@{revision or 'main'}"
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    for f in files:
         st = f.stat()
-        h.update(str(f.relative_to(path)).encode())
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
         if st.st_size <= 256 << 20:
             h.update(f.read_bytes())
         else:
