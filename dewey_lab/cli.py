@@ -1,4 +1,5 @@
-"""Command line: ``dewey-lab fit -c experiments/<name>.yaml`` (``lightning fit ...`` is an alias).
+"""Command line: ``dewey-lab fit -c experiments/<name>.yaml`` (``lightning fit ...`` is an alias),
+and ``dewey-lab eval --model ... --tasks ...`` (see ``dewey_lab.eval.run``).
 
 A LightningCLI with ``experiments/base.yaml`` loaded implicitly under every experiment file and
 the ``omegaconf+`` parser mode, so an experiment file holds only the keys it changes. The
@@ -53,6 +54,11 @@ def main(args: list[str] | None = None) -> None:
     parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}
     parser_kwargs.update({sub: dict(sub_kwargs) for sub in ("fit", "validate", "test", "predict")})
     try:
+        if argv[:1] == ["eval"]:  # not a Trainer command: LongEmbed / LoCo scoring of any model
+            from dewey_lab.eval.run import main as eval_main
+
+            eval_main(argv[1:])
+            return
         check_config_files(argv)
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

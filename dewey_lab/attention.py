@@ -1,0 +1,79 @@
+"""Memory-light SDPA for ModernBERT at long length, where flash-attn is absent (CPU, or a GPU without it).
+
+transformers' SDPA path builds dense (B, 1, L, L) masks for ModernBERT's global *and* sliding-window
+layers, and a masked SDPA falls back to kernels that materialise (B, H, L, L) scores: a 32k-token
+passage through the tiny student peaked at 16.8 GiB on CPU. Here instead:
+
+* global layers get no mask when nothing is padded (SDPA then takes its fused, O(L) memory kernel)
+  and a (B, 1, 1, L) key-padding mask otherwise;
+* sliding-window layers attend block by block: queries [s, s+block) see keys [s-w, s+block+w),
+  so memory is O(L x (block + 2w)), not O(L^2).
+
+Outputs equal the dense path's (tested); it is registered as the attention implementation
+``sdpa_banded`` and switched on only around a forward pass (``banded(model)``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+
+BANDED = "sdpa_banded"
+
+
+def banded_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                block: int = 1024, **kwargs) -> tuple[Tensor, None]:
+    """transformers attention interface: (B, H, L, Dh) q/k/v -> ((B, L, H, Dh), None).
+
+    ``attention_mask`` is None or a boolean key mask (B, 1, 1, L), True where a token is real.
+    """
+    if sliding_window is None:  # a global layer
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    w = sliding_window - 1  # ModernBERT passes half-window + 1 (flash-attn's inclusive bound)
+    L = query.shape[2]
+    outs = []
+    for s in range(0, L, block):
+        e = min(s + block, L)
+        ks, ke = max(0, s - w), min(L, e + w)
+        q_pos = torch.arange(s, e, device=query.device)[:, None]
+        k_pos = torch.arange(ks, ke, device=query.device)[None, :]
+        mask = (q_pos - k_pos).abs() <= w  # (bq, bk): the band
+        if attention_mask is not None:
+            mask = mask & attention_mask[..., ks:ke]  # (B, 1, bq, bk)
+        outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, ks:ke], value[:, :, ks:ke],
+                                                   attn_mask=mask, dropout_p=dropout, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (B, L, H, Dh)
+
+
+AttentionInterface.register(BANDED, banded_sdpa)
+
+
+def can_band(model) -> bool:
+    """ModernBERT on the SDPA or eager path (flash-attn and flex already handle the window)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", "") == "modernbert" and config._attn_implementation in ("sdpa", "eager")
+
+
+def key_masks(attention_mask: Tensor) -> dict[str, Tensor | None]:
+    """The per-layer-type masks ``banded_sdpa`` expects, from a (B, L) 0/1 attention mask."""
+    keys = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+    return {"full_attention": keys, "sliding_attention": keys}
+
+
+@contextmanager
+def banded(model):
+    """Run ``model`` with ``banded_sdpa`` inside the block; restores its attention implementation."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = BANDED
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

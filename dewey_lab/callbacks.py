@@ -1,0 +1,152 @@
+"""PasskeyCallback: LongEmbed's passkey and needle checks while a run trains.
+
+Every ``every_n_steps`` optimizer steps the student (with its projection head) scores a small
+seeded passkey / needle set at each configured length, single-vector and late-chunked
+multi-vector, from one forward pass per passage. TensorBoard gets
+
+* scalars ``val/passkey@<len>``, ``val/needle@<len>`` (single vector, Acc@1), their multi-vector
+  twins ``val/passkey_multi@<len>``, and the mean over lengths ``val/passkey_avg``;
+* a heat map per task and mode (length x step, Acc@1 in each cell) under ``val/<task>_<mode>_map``,
+
+so the effect of a RoPE theta or a loss weight on long-context retrieval shows while the run is
+still going. The sets are generated once (same documents at every check) in the student's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from dewey_lab.eval.embedder import Embedder
+from dewey_lab.eval.metrics import retrieval_metrics
+from dewey_lab.eval.retrieval import DenseRetriever
+from dewey_lab.eval.task import RetrievalTask
+
+log = logging.getLogger(__name__)
+
+
+class PasskeyCallback(L.Callback):
+    def __init__(self, every_n_steps: int = 500, lengths: Sequence[int] = (256, 1024, 4096, 16384),
+                 tasks: Sequence[str] = ("passkey", "needle"), n_queries: int = 50, n_docs: int = 100,
+                 modes: Sequence[str] = ("single", "multi"), pooling: str = "mean", chunk_size: int = 256,
+                 chunk_overlap: int = 64, seed: int = 0, haystack: str | None = None,
+                 check_at_start: bool = True, token_budget: int = 16384) -> None:
+        """
+        Args:
+            every_n_steps: optimizer steps between checks (also one at the end of training).
+            lengths: document lengths in the student's tokens.
+            tasks: any of passkey, needle.
+            n_queries, n_docs: per length (LongEmbed: 50 over 100 shared candidates).
+            modes: single and / or multi (late-chunked, best chunk).
+            pooling: single-vector pooling: mean (Dewey's choice for long text), cls or cls_mean.
+            chunk_size, chunk_overlap: multi-vector windows in tokens.
+            seed: the generated sets' seed.
+            haystack: needle haystack file (.txt / .jsonl); None: the offline pydoc text.
+            check_at_start: score the untrained student too (the heat map's first column).
+            token_budget: padded tokens per forward pass.
+        """
+        super().__init__()
+        bad = [t for t in tasks if t not in ("passkey", "needle")]
+        if bad:
+            raise ValueError(f"PasskeyCallback tasks: unknown {bad[0]!r}; use passkey and / or needle")
+        self.every_n_steps, self.lengths, self.tasks = every_n_steps, sorted(lengths), list(tasks)
+        self.n_queries, self.n_docs, self.modes, self.pooling = n_queries, n_docs, list(modes), pooling
+        self.chunk_size, self.chunk_overlap, self.seed, self.haystack = chunk_size, chunk_overlap, seed, haystack
+        self.check_at_start, self.token_budget = check_at_start, token_budget
+        self._tasks: list[RetrievalTask] | None = None
+        self._tokenizer = None
+        self._last_step = -1
+        self.history: dict[str, dict[int, dict[int, float]]] = {}  # "passkey_single" -> step -> length -> acc
+
+    # -- when ---------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.check_at_start:
+            self.check(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0:
+            self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, pl_module)
+
+    # -- what ---------------------------------------------------------------------------------------
+    def generated(self, tokenizer) -> list[RetrievalTask]:
+        if self._tasks is None:
+            from dewey_lab.eval.run import read_haystack
+            from dewey_lab.eval.synthetic import default_haystack, make_synthetic
+
+            self._tasks = []
+            for kind in self.tasks:
+                text = None
+                if kind == "needle":
+                    text = read_haystack(self.haystack) if self.haystack else default_haystack()
+                self._tasks += make_synthetic(kind, tokenizer, self.lengths, n_queries=self.n_queries,
+                                              n_docs=self.n_docs, seed=self.seed, haystack=text)
+        return self._tasks
+
+    def embedder(self, pl_module) -> Embedder:
+        from dewey_lab.student import load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(pl_module.spec.tokenizer_name)
+        return Embedder(pl_module.student, self._tokenizer, head=pl_module.projection, pooling=self.pooling,
+                        max_length=max(self.lengths), chunk_size=self.chunk_size, chunk_overlap=self.chunk_overlap,
+                        token_budget=self.token_budget, name="student", device=pl_module.device)
+
+    @torch.no_grad()
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Score every task at every length; log scalars and heat maps. Rank zero only."""
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero or getattr(pl_module, "projection", None) is None:
+            return {}
+        self._last_step = step
+        embedder = self.embedder(pl_module)
+        retriever = DenseRetriever(embedder, self.modes, cache_dir=None, progress=False)
+        scalars: dict[str, float] = {}
+        for task in self.generated(embedder.tokenizer):
+            for mode, scores in retriever.score(task).items():
+                acc = retrieval_metrics(scores, list(task.judged_queries()), list(task.corpus), task.qrels)["ndcg@1"]
+                suffix = "" if mode == "single" else f"_{mode}"
+                scalars[f"val/{task.name}{suffix}@{task.length}"] = acc
+                self.history.setdefault(f"{task.name}_{mode}", {}).setdefault(step, {})[task.length] = acc
+        for key, per_step in self.history.items():
+            name, mode = key.rsplit("_", 1)
+            suffix = "" if mode == "single" else f"_{mode}"
+            scalars[f"val/{name}{suffix}_avg"] = sum(per_step[step].values()) / len(per_step[step])
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(scalars, step=step)
+            if isinstance(trainer.logger, TensorBoardLogger):
+                for key in self.history:
+                    trainer.logger.experiment.add_figure(f"val/{key}_map", self.heatmap(key), step)
+        log.info("step %d: %s", step, ", ".join(f"{k.removeprefix('val/')}={v:.2f}" for k, v in scalars.items()))
+        return scalars
+
+    def heatmap(self, key: str):
+        """Figure: rows = lengths (short at the bottom), columns = checked steps, cells = Acc@1."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = sorted(self.history[key])
+        grid = torch.tensor([[self.history[key][s].get(n, float("nan")) for s in steps] for n in self.lengths])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(steps), 0.8 + 0.45 * len(self.lengths)))
+        ax.imshow(grid.numpy(), origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45)
+        ax.set_yticks(range(len(self.lengths)), [str(n) for n in self.lengths])
+        ax.set_xlabel("step")
+        ax.set_ylabel("length (tokens)")
+        ax.set_title(key.replace("_", " ") + " Acc@1")
+        for i in range(len(self.lengths)):
+            for j in range(len(steps)):
+                v = float(grid[i, j])
+                if v == v:  # not NaN
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        fig.tight_layout()
+        return fig

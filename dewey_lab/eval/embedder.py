@@ -1,0 +1,242 @@
+"""Embedder: an encoder's token states -> single-vector and late-chunked multi-vector embeddings.
+
+One forward pass per passage yields both views:
+
+* single vector: the whole passage pooled (``cls``, ``mean`` or ``cls_mean``, Dewey's three);
+* multi-vector: fixed token windows (``chunk_size``, ``chunk_overlap``; Dewey's examples use 256 /
+  64) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
+  passage as context and no chunk is encoded on its own.
+
+Chunks pool text tokens only (no CLS, SEP or prompt), as the training loss pooled them. Mean
+pooling covers text tokens (``mean_over="content"``, Dewey) or every attended token
+(``mean_over="all"``, what sentence-transformers' Pooling does; used for its models so a baseline
+scores exactly as it does in sentence-transformers).
+
+Passages longer than ``max_length`` are truncated to it, as LongEmbed evaluates a model without
+an extension method; ``Item.truncated`` marks them so reports can say so. Batches are built
+to a token budget, longest first, so a 32k-token passage runs alone and short ones share a pass;
+ModernBERT batches longer than 2048 tokens use ``dewey_lab.attention``'s blocked sliding-window
+SDPA, so memory grows linearly with length where flash-attn is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dewey_lab.attention import banded, can_band, key_masks
+from dewey_lab.pooling import masked_mean, span_mean
+
+POOLINGS = ("cls", "mean", "cls_mean")
+BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-window SDPA
+
+
+@dataclass
+class Item:
+    """One tokenised passage: ids, which tokens are text, and its late-chunking windows."""
+
+    input_ids: list[int]
+    content_mask: list[bool]
+    chunks: list[tuple[int, int]]  # token spans [start, end) over text tokens
+    truncated: bool
+
+
+@dataclass
+class Encoded:
+    single: Tensor  # (N, D), L2-normalised when the embedder normalises
+    chunks: Tensor  # (M, D), every passage's chunks, in passage order
+    owner: Tensor  # (M,) index of the passage each chunk belongs to
+
+
+class Embedder:
+    """Encode queries and passages with any model whose forward returns ``last_hidden_state``.
+
+    Args:
+        model: the encoder (a transformers model, or a student's ModernBertModel).
+        tokenizer: its fast tokenizer (offsets are used to tell text from prompt tokens).
+        head: applied after pooling (a trained student's projection); None for none.
+        pooling: single-vector pooling, one of ``cls``, ``mean``, ``cls_mean``.
+        mean_over: ``content`` (text tokens) or ``all`` (every attended token, sentence-transformers).
+        max_length: tokens per passage, special tokens included; longer passages are truncated.
+        query_prompt, passage_prompt: prepended to queries / passages (never pooled by ``content``).
+        chunk_size, chunk_overlap: late-chunking windows in tokens.
+        token_budget: padded tokens per forward pass (a longer passage runs alone).
+        normalize: L2-normalise every vector (cosine scoring).
+        name, fingerprint: what reports print; what the embedding cache is keyed by.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, head: nn.Module | None = None, pooling: str = "mean",
+                 mean_over: str = "content", max_length: int = 512, query_prompt: str = "",
+                 passage_prompt: str = "", chunk_size: int = 256, chunk_overlap: int = 64,
+                 token_budget: int = 16384, normalize: bool = True, name: str = "model",
+                 fingerprint: str | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        if mean_over not in ("content", "all"):
+            raise ValueError(f"mean_over must be content or all, got {mean_over!r}")
+        if not 0 <= chunk_overlap < chunk_size:
+            raise ValueError(f"chunk_overlap ({chunk_overlap}) must be >= 0 and below chunk_size ({chunk_size})")
+        if max_length < 8:
+            raise ValueError(f"max_length {max_length} is too small to hold a passage; use at least 8 tokens")
+        self.model, self.tokenizer, self.head = model, tokenizer, head
+        self.pooling, self.mean_over, self.max_length = pooling, mean_over, max_length
+        self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
+        self.chunk_size, self.chunk_overlap, self.token_budget = chunk_size, chunk_overlap, token_budget
+        self.normalize, self.name, self.fingerprint = normalize, name, fingerprint or name
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = dtype
+
+    @property
+    def fingerprint_extra(self) -> str:
+        """Everything besides the weights that changes a vector; part of every cache key."""
+        return (f"pool={self.pooling}/{self.mean_over}|len={self.max_length}|chunk={self.chunk_size}/"
+                f"{self.chunk_overlap}|norm={int(self.normalize)}|dtype={self.dtype}")
+
+    # -- tokenisation ------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[Item]:
+        """Tokenise with offsets (one batched call); mark text tokens; lay out chunk windows."""
+        full = [prompt + t for t in texts]
+        enc = self.tokenizer(full, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
+                             return_special_tokens_mask=True)
+        p = len(prompt)
+        items = []
+        for i, text in enumerate(full):
+            offsets, special = enc["offset_mapping"][i], enc["special_tokens_mask"][i]
+            content = [not sp and s >= p and e > s for sp, (s, e) in zip(special, offsets)]
+            last_end = max((e for c, (_, e) in zip(content, offsets) if c), default=len(text))
+            truncated = last_end < len(text.rstrip())  # the last kept text token ends before the text does
+            items.append(Item(enc["input_ids"][i], content, self.windows(content), truncated))
+        return items
+
+    def windows(self, content: list[bool]) -> list[tuple[int, int]]:
+        """Token windows of ``chunk_size`` with ``chunk_overlap`` over the text tokens."""
+        idx = [i for i, c in enumerate(content) if c]
+        if not idx:
+            return []
+        first, end = idx[0], idx[-1] + 1  # text tokens are contiguous: [CLS] prompt text [SEP]
+        stride = self.chunk_size - self.chunk_overlap
+        spans, start = [], first
+        while True:
+            spans.append((start, min(start + self.chunk_size, end)))
+            if start + self.chunk_size >= end:
+                return spans
+            start += stride
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def encode_queries(self, texts: Sequence[str]) -> Tensor:
+        """(Q, D) query vectors (single-vector pooling; queries are short)."""
+        return self.embed(self.tokenize(texts, self.query_prompt), chunks=False).single
+
+    def encode_passages(self, texts: Sequence[str], chunks: bool = True) -> Encoded:
+        return self.embed(self.tokenize(texts, self.passage_prompt), chunks=chunks)
+
+    @torch.inference_mode()
+    def embed(self, items: Sequence[Item], chunks: bool = True,
+              progress: Callable[[int], None] | None = None) -> Encoded:
+        """Vectors for tokenised passages, computed in token-budget batches, returned in input order."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            singles: list[Tensor | None] = [None] * len(items)
+            multi: list[Tensor | None] = [None] * len(items)
+            for batch in self.batches(items):
+                s, m = self._embed_batch([items[i] for i in batch], chunks)
+                for k, i in enumerate(batch):
+                    singles[i], multi[i] = s[k], m[k]
+                if progress is not None:
+                    progress(len(batch))
+        finally:
+            self.model.train(was_training)
+        dim = singles[0].shape[-1] if items else 0
+        single = torch.stack(singles) if items else torch.zeros(0, dim)
+        counts = [len(m) if m is not None else 0 for m in multi]
+        chunk_vecs = torch.cat([m for m in multi if m is not None and len(m)]) if any(counts) else torch.zeros(0, dim)
+        owner = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts, dtype=torch.long))
+        return Encoded(single, chunk_vecs, owner)
+
+    def batches(self, items: Sequence[Item]) -> list[list[int]]:
+        """Indices grouped longest-first so that rows x longest row <= token_budget."""
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+        out: list[list[int]] = []
+        for i in order:
+            n = len(items[i].input_ids)
+            if out and (len(out[-1]) + 1) * len(items[out[-1][0]].input_ids) <= self.token_budget:
+                out[-1].append(i)  # the first row of a batch is its longest
+            else:
+                out.append([i])
+        return out
+
+    def _embed_batch(self, items: list[Item], chunks: bool) -> tuple[list[Tensor], list[Tensor]]:
+        B, T = len(items), max(len(it.input_ids) for it in items)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        attn = torch.zeros(B, T, dtype=torch.long)
+        content = torch.zeros(B, T, dtype=torch.bool)
+        for b, it in enumerate(items):
+            n = len(it.input_ids)
+            ids[b, :n], attn[b, :n] = torch.tensor(it.input_ids), 1
+            content[b, :n] = torch.tensor(it.content_mask)
+        ids, attn, content = ids.to(self.device), attn.to(self.device), content.to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype not in (None, torch.float32))
+        with autocast:
+            if T > BAND_FROM and can_band(self.model):  # dense (T, T) masks would dominate memory
+                with banded(self.model):
+                    hidden = self.model(input_ids=ids, attention_mask=key_masks(attn)).last_hidden_state
+            else:
+                hidden = self.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
+        hidden = hidden.float()
+        mean = masked_mean(hidden, content if self.mean_over == "content" else attn.bool())  # (B, H)
+        single = {"cls": hidden[:, 0], "mean": mean, "cls_mean": 0.5 * (hidden[:, 0] + mean)}[self.pooling]
+        single = self._finish(single)
+        if not chunks:
+            return list(single.cpu()), [None] * B
+        rows = [b for b, it in enumerate(items) for _ in it.chunks]
+        spans = [s for it in items for s in it.chunks]
+        if not spans:
+            return list(single.cpu()), [single.new_zeros(0, single.shape[-1]).cpu()] * B
+        row = torch.tensor(rows, device=self.device)
+        start = torch.tensor([s for s, _ in spans], device=self.device)
+        end = torch.tensor([e for _, e in spans], device=self.device)
+        vecs = self._finish(span_mean(hidden, row, start, end)).cpu()  # (N, D)
+        split = list(torch.split(vecs, [len(it.chunks) for it in items]))
+        return list(single.cpu()), split
+
+    def _finish(self, x: Tensor) -> Tensor:
+        if self.head is not None:
+            x = self.head(x).float()  # the head runs in fp32 outside autocast, as it was trained
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+
+def window_of(config, tokenizer) -> int:
+    """A model's usable context in tokens: its position table, capped by the tokenizer's limit."""
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limits = [limits[0] - 2 if limits[0] else None]  # RoBERTa positions start after the padding id
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 1_000_000:
+        limits.append(tok_max)
+    known = [x for x in limits if x]
+    return min(known) if known else 512
+
+
+def uses_rope(config) -> bool:
+    """RoPE models can run past their window (badly, without an extension); learned-position ones cannot."""
+    return bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
+                or getattr(config, "position_embedding_type", "absolute") == "rotary")
+
+
+def check_length(config, window: int, requested: int | None) -> int:
+    """The max_length to use: the window unless asked otherwise, refusing what positions cannot hold."""
+    if requested is None:
+        return window
+    table = getattr(config, "max_position_embeddings", None)
+    if requested > window and not uses_rope(config) and table and requested > table:
+        raise ValueError(f"--max-length {requested} exceeds the {table} learned positions of this "
+                         f"{config.model_type} model; use at most {window} or an extension method")
+    return requested
+

