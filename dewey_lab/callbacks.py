@@ -15,6 +15,7 @@ still going. The sets are generated once (same documents at every check) in the 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -146,7 +147,7 @@ class PasskeyCallback(L.Callback):
         for i in range(len(self.lengths)):
             for j in range(len(steps)):
                 v = float(grid[i, j])
-                if v == v:  # not NaN
+                if not math.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
         fig.tight_layout()
         return fig

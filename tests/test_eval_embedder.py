@@ -3,7 +3,6 @@ hand-pooled hidden states, the dense attention path, and exact score algebra."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dewey_lab.attention import banded, key_masks
 from dewey_lab.eval.embedder import Embedder

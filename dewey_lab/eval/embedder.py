@@ -164,7 +164,6 @@ class Embedder:
         order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
         out: list[list[int]] = []
         for i in order:
-            n = len(items[i].input_ids)
             if out and (len(out[-1]) + 1) * len(items[out[-1][0]].input_ids) <= self.token_budget:
                 out[-1].append(i)  # the first row of a batch is its longest
             else:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from dewey_lab.eval.data import LOCO_SUBSETS, LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed, load_loco
+from dewey_lab.eval.data import LOCO_SUBSETS, LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_loco, load_longembed
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.report import LONGEMBED_SIX, markdown, summarize, write_results
 from dewey_lab.eval.task import RetrievalTask
@@ -117,7 +117,7 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``dewey-lab eval`` arguments, run, write results, print the table."""
-    from jsonargparse import ArgumentParser, ActionConfigFile
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(prog="dewey-lab eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these keys")

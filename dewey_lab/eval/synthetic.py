@@ -12,13 +12,15 @@ shared by 50 queries, each query with exactly one relevant document; the score i
 
 Lengths are counted in the evaluated model's tokens, special tokens included: every document
 tokenizes to between ``length - 8`` and ``length`` tokens (exactly ``length`` for WordPiece).
-The source text is tokenized once, with character offsets, and documents are cut from it at
-token boundaries. The count is then checked by re-tokenizing a short window around each join
-and at the end of the cut, which gives the exact count for tokenizers that split words at
-whitespace (WordPiece, byte-level BPE, SentencePiece). Two whole documents per length are
-also tokenized to catch a tokenizer where that does not hold; if they disagree, all documents
-are re-counted in full. Tokenizing every whole document would cost ~30 s per 100 documents at
-131072 tokens on 2 CPUs (measured with all-MiniLM-L6-v2); this way it takes ~1-2 s.
+The source text is tokenized once, with character offsets; insertions go at word junctions
+(one space between two words, preferably after a sentence end) and documents end at a token
+boundary. Counts are then checked by re-tokenizing a short window around the insertion and one
+at the end, each measured against the same span of unchanged source. That is exact for
+tokenizers that treat the two sides of a single space independently (checked for WordPiece,
+byte-level BPE with and without trimmed offsets, and SentencePiece-style Unigram). Whole
+documents are also tokenized, as many as ~1M characters allow (all of them up to ~4k tokens),
+and if any disagrees every document is re-counted in full. Tokenizing all 100 whole documents
+at 131072 tokens would take ~30 s on 2 CPUs (all-MiniLM-L6-v2); this way it takes ~1-2 s.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ _SLACK = 8  # a document may come out this many tokens short of its length, neve
 _SNAP_WINDOW = 32  # at most this many tokens an insertion moves to reach a sentence boundary
 _CONTEXT = 16  # tokens of unchanged source kept on each side of a join when counting locally
 _MAX_ROUNDS = 8
+_PYDOC_TEXTS: list[str] = []  # what default_haystack returned, to label needle tasks built on it
+_FULL_CHECK_CHARS = 1_000_000  # characters of whole documents tokenized per length as a check (~0.6 s)
 _WS_CODES = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
 _SENTENCE_ENDS = np.array([ord(c) for c in ".!?"], dtype=np.uint32)
 
@@ -146,12 +150,17 @@ def make_needle(
     picked = rng.sample(NEEDLES, n_docs)
     return _assemble(
         "needle", tokenizer, length, [fact for fact, _ in picked], [question for _, question in picked],
-        n_queries, rng, seed, "pydoc" if haystack is None else "custom",
+        n_queries, rng, seed, "pydoc" if _is_pydoc(haystack) else "custom",
         lambda n_tokens: _haystack_source(tokenizer, text, n_tokens, length),
     )
 
 
-@functools.lru_cache(maxsize=None)
+def _is_pydoc(haystack: str | None) -> bool:
+    # identity, not equality: an equal text read by other means is still the caller's own choice
+    return haystack is None or any(haystack is text for text in _PYDOC_TEXTS)
+
+
+@functools.cache  # lru_cache without a bound: one entry per cache_path
 def default_haystack(cache_path: str = "data/pydoc_corpus.jsonl") -> str:
     """The offline needle haystack: the stdlib pydoc pages joined by blank lines (~487k words).
 
@@ -161,7 +170,9 @@ def default_haystack(cache_path: str = "data/pydoc_corpus.jsonl") -> str:
     Returns:
         The concatenated text, memoized per path.
     """
-    return "\n\n".join(doc.text for doc in PydocCorpus(cache_path=cache_path).documents())
+    text = "\n\n".join(doc.text for doc in PydocCorpus(cache_path=cache_path).documents())
+    _PYDOC_TEXTS.append(text)  # so that passing default_haystack() explicitly is still labelled pydoc
+    return text
 
 
 def make_synthetic(
@@ -189,7 +200,7 @@ def make_synthetic(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic task {kind!r}; use one of {', '.join(KINDS)}")
-    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    lengths = list(lengths) if isinstance(lengths, Iterable) else [lengths]
     if kind == "passkey":
         return [make_passkey(tokenizer, n, n_queries, n_docs, seed) for n in lengths]
     return [make_needle(tokenizer, n, haystack, n_queries, n_docs, seed) for n in lengths]
@@ -200,6 +211,7 @@ def make_synthetic(
 
 
 def _check_args(kind: str, length: int, n_queries: int, n_docs: int, available: int, what: str) -> int:
+    # operator.index accepts numpy ints (lengths often come from arrays) but not floats like 4e3
     try:
         length = operator.index(length)
     except TypeError:
@@ -260,8 +272,8 @@ class _Source:
     text: str
     starts: np.ndarray  # token k covers text[starts[k]:ends[k]]
     ends: np.ndarray
-    words: np.ndarray  # sorted k in [0, n] where cutting before token k splits no word
-    sentences: np.ndarray  # the subset of `words` after a sentence end or at a line break
+    words: np.ndarray  # sorted k in [0, n] where a cut before token k falls on a word junction
+    sentences: np.ndarray  # the subset of `words` right after a sentence end
 
     @property
     def n(self) -> int:
@@ -299,15 +311,20 @@ def _tokenize_source(tokenizer: PreTrainedTokenizerBase, text: str) -> _Source:
         # utf-32 gives one code point per str index, the unit the fast tokenizer's offsets count in
         cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         last = len(cp) - 1
-        prev_end, next_start = ends[:-1], starts[1:]
-        gap_ws = np.isin(cp[np.clip(prev_end, 0, last)], _WS_CODES)
-        # byte-level BPE may keep the space inside the next token: whitespace just before it counts too
-        lead_ws = np.isin(cp[np.clip(next_start - 1, 0, last)], _WS_CODES)
-        word = gap_ws | lead_ws
-        sentence_end = np.isin(cp[np.clip(prev_end - 1, 0, last)], _SENTENCE_ENDS)
-        newline = cp[np.clip(prev_end, 0, last)] == ord("\n")
-        words[1:n] = word
-        sentences[1:n] = word & (sentence_end | newline)
+        x = ends[:-1]  # where token k - 1 ends, for k = 1 .. n - 1
+        # Only a single space between two non-space characters counts as a word junction: there
+        # WordPiece, byte-level BPE (space inside the next token or trimmed off it) and
+        # SentencePiece all tokenize the two sides independently, which the length fitting
+        # relies on. Whitespace runs and line breaks tokenize differently from tokenizer to tokenizer.
+        junction = (
+            (x >= 1)
+            & (cp[np.clip(x, 0, last)] == ord(" "))
+            & ~np.isin(cp[np.clip(x - 1, 0, last)], _WS_CODES)
+            & ~np.isin(cp[np.clip(x + 1, 0, last)], _WS_CODES)
+            & ((starts[1:] == x) | (starts[1:] == x + 1))
+        )
+        words[1:n] = junction
+        sentences[1:n] = junction & np.isin(cp[np.clip(x - 1, 0, last)], _SENTENCE_ENDS)
     return _Source(text, starts, ends, np.flatnonzero(words), np.flatnonzero(sentences))
 
 
@@ -338,6 +355,7 @@ def _haystack_source(tokenizer: PreTrainedTokenizerBase, haystack: str, n_tokens
 
 
 def _whitespace_cut(text: str, n_chars: int) -> int:
+    # a prefix cut inside a word would tokenize its last word differently from the full text
     if n_chars >= len(text):
         return len(text)
     cut = max(text.rfind(" ", 0, n_chars), text.rfind("\n", 0, n_chars))
@@ -360,6 +378,7 @@ def _assemble(
     haystack_label: str,
     source_for: Callable[[int], _Source],
 ) -> RetrievalTask:
+    # drawn after the names/keys/facts from the same stream, so one seed string fixes the whole task
     depths = [rng.random() for _ in inserts]
     targets = sorted(rng.sample(range(len(inserts)), n_queries))
     docs = _place(tokenizer, length, inserts, depths, source_for)
@@ -396,9 +415,13 @@ def _place(
         return _token_counts(tokenizer, [_render(src, inserts[i], ps[i], qs[i]) for i in idx], special=True)
 
     _fit(src, ps, qs, length, local)
-    # The local count assumes tokens never span the cut points; check the shallowest and the
-    # deepest insertion in full, and fall back to full counting for a tokenizer where it fails.
-    probe = sorted({int(np.argmin(ps)), int(np.argmax(ps))})
+    # The local count assumes tokenization does not reach across word junctions. Check it on as
+    # many whole documents as ~1M characters allow (all of them up to ~4k tokens, always the
+    # shallowest and the deepest insertion), and count everything in full if it fails.
+    doc_chars = src.after(max(qs)) + max(map(len, inserts))
+    n_probe = min(len(ps), max(2, _FULL_CHECK_CHARS // doc_chars))
+    by_depth = np.argsort(ps, kind="stable")
+    probe = sorted({int(by_depth[j]) for j in np.linspace(0, len(ps) - 1, n_probe).round().astype(int)})
     if full(probe) != local(probe):
         log.warning("%d-token documents: local token counts disagree with full ones for this tokenizer; "
                     "re-counting every document in full (slower)", length)
@@ -407,15 +430,20 @@ def _place(
 
 
 def _snap(src: _Source, target: int, budget: int) -> int:
-    """The sentence boundary nearest ``target`` within a small window, else the nearest word boundary."""
+    """The sentence end nearest ``target`` within a small window, else the nearest word junction.
+
+    Text without spaces between words (Chinese, long symbol runs) may have no junction near:
+    then the insertion goes between two tokens at ``target`` itself.
+    """
     window = min(_SNAP_WINDOW, max(2, budget // 16))
     k = _nearest(src.sentences, target, max(0, target - window), min(budget, target + window))
     if k is None:
-        k = _nearest(src.words, target, 0, budget)
+        k = _nearest(src.words, target, max(0, target - 4 * window), min(budget, target + 4 * window))
     return target if k is None else k
 
 
 def _nearest(index: np.ndarray, x: int, lo: int, hi: int) -> int | None:
+    # index is sorted: the nearest entry is one of the two around x's insertion point
     i = int(np.searchsorted(index, x))
     best = None
     for j in (i - 1, i):
@@ -427,16 +455,12 @@ def _nearest(index: np.ndarray, x: int, lo: int, hi: int) -> int | None:
 def _render(src: _Source, insert: str, p: int, q: int, start: int = 0) -> str:
     """Source tokens [start, p) + ``insert`` + source tokens [p, q), as text."""
     text = src.text
-    head = text[src.after(start):src.after(p)].rstrip() if p > start else ""
-    # The tail keeps the source's own whitespace before token p (a line break and indentation
-    # in pydoc pages); a line break there also goes before the insertion.
+    head = text[src.after(start):src.after(p)] if p > start else ""
     tail = text[src.after(p) if p > 0 else src.cut(0):src.ends[q - 1]] if q > p else ""
+    # at a word junction the tail already starts with the source's space; elsewhere add one
     if tail and not tail[0].isspace():
         tail = " " + tail
-    if not head:
-        return insert + tail
-    sep = "\n" if "\n" in text[src.after(p):src.cut(p) + 1] else " "
-    return head + sep + insert + tail
+    return f"{head} {insert}{tail}" if head else insert + tail
 
 
 def _count_local(
