@@ -29,13 +29,16 @@ train: setup ## train experiments/$(EXP).yaml (default tiny: offline, CPU, ~10 m
 test: setup ## run the test suite (CPU, offline; what CI runs)
 	$(PY) -m pytest
 
+bench: setup ## benchmarks: memory and time of one long passage (blocked vs dense attention)
+	$(PY) benchmarks/long_passage_memory.py
+
 tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)
 	$(VENV)/bin/tensorboard --logdir runs
 
 lint: setup ## ruff over the package and tests
-	$(VENV)/bin/ruff check dewey_lab tests
+	$(VENV)/bin/ruff check dewey_lab tests benchmarks
 
 clean: ## remove runs/ and results/ (keeps data/: corpus and teacher cache)
 	rm -rf runs results lightning_logs
 
-.PHONY: help setup train test tensorboard lint clean
+.PHONY: help setup train test bench tensorboard lint clean

@@ -1,6 +1,8 @@
 """The command line: a fit smoke run on the tiny config, every experiment parses, bad input -> one line."""
 
 
+import json
+
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -101,3 +103,38 @@ def test_wrong_type_names_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  batch_size: many\n")
     assert "data.batch_size" in _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])
+
+
+def test_passkey_callback_logs_scalars_and_heatmap_then_eval_reads_the_checkpoint(
+        tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    callback = {"class_path": "dewey_lab.callbacks.PasskeyCallback",
+                "init_args": {"every_n_steps": 1, "lengths": [96, 160], "n_queries": 3, "n_docs": 6,
+                              "haystack": str(small_corpus_path)}}
+    main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir,
+                                            **{"trainer.callbacks": [callback]})])
+    tags = {"scalars": set(), "images": set()}
+    for e in (tmp_path / "runs" / "small").rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(e), size_guidance={"images": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    for task in ("passkey", "needle"):
+        assert {f"val/{task}@96", f"val/{task}@160", f"val/{task}_multi@160", f"val/{task}_avg"} <= tags["scalars"]
+        assert {f"val/{task}_single_map", f"val/{task}_multi_map"} <= tags["images"]
+    steps = [s.step for e in (tmp_path / "runs" / "small").rglob("events.out.tfevents*")
+             for s in _scalars(e, "val/passkey@96")]
+    assert sorted(set(steps)) == [0, 1, 2]  # before training, every step, and no repeat at the end
+
+    ckpt = max((tmp_path / "runs" / "small").rglob("*.ckpt"))
+    main(["eval", "--model", str(ckpt), "--tasks", "passkey", "--lengths", "96", "--n_queries", "3", "--n_docs", "6",
+          "--mode", "both", "--out_dir", str(tmp_path / "results"), "--cache_dir", "", "--progress", "false"])
+    result = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert [(r["length"], r["mode"]) for r in result["rows"]] == [(96, "single"), (96, "multi")]
+    assert result["settings"]["window"] == 8192  # the student's RoPE window, not the tokenizer's 512
+
+
+def _scalars(event_file, tag):
+    acc = EventAccumulator(str(event_file))
+    acc.Reload()
+    return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []

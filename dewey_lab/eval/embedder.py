@@ -4,7 +4,7 @@ One forward pass per passage yields both views:
 
 * single vector: the whole passage pooled (``cls``, ``mean`` or ``cls_mean``, Dewey's three);
 * multi-vector: fixed token windows (``chunk_size``, ``chunk_overlap``; Dewey's examples use 256 /
-  64) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
+  64; the last window is moved back to end at the text's end, so no chunk is a short tail) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
   passage as context and no chunk is encoded on its own.
 
 Chunks pool text tokens only (no CLS, SEP or prompt), as the training loss pooled them. Mean
@@ -121,11 +121,13 @@ class Embedder:
         first, end = idx[0], idx[-1] + 1  # text tokens are contiguous: [CLS] prompt text [SEP]
         stride = self.chunk_size - self.chunk_overlap
         spans, start = [], first
-        while True:
-            spans.append((start, min(start + self.chunk_size, end)))
-            if start + self.chunk_size >= end:
-                return spans
+        while start + self.chunk_size < end:
+            spans.append((start, start + self.chunk_size))
             start += stride
+        # the last window ends at the text's end and is full-size when the text allows (as PCW's last
+        # chunk is): a short tail would be a few tokens whose mean matches generic query words
+        spans.append((max(first, end - self.chunk_size), end))
+        return spans
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode_queries(self, texts: Sequence[str]) -> Tensor:

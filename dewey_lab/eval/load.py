@@ -85,7 +85,10 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
 def _display_name(model: str, path: str, local: bool) -> str:
     if model.startswith("pkg://"):
         return model.removeprefix("pkg://")
-    return Path(path).name if local else model
+    if not local:
+        return model
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name in ("model", "export", "final", "best") else p.name
 
 
 def _attn_for(config) -> str:

