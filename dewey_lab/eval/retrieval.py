@@ -124,7 +124,8 @@ class BM25Retriever:
         try:
             import bm25s  # noqa: F401
         except ImportError as err:
-            raise ImportError("the BM25 baseline needs bm25s: pip install bm25s (or the dev extra)") from err
+            raise ImportError("the BM25 baseline needs bm25s: pip install bm25s") from err
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG on import: a line per index
         self.k1, self.b, self.stopwords = k1, b, stopwords
         self.truncated = 0
 
