@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 BANDED = "sdpa_banded"
 
@@ -53,6 +54,7 @@ def banded_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mas
 
 
 AttentionInterface.register(BANDED, banded_sdpa)
+AttentionMaskInterface.register(BANDED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # else transformers builds no mask
 
 
 def can_band(model) -> bool:

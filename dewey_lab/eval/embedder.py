@@ -22,6 +22,7 @@ SDPA, so memory grows linearly with length where flash-attn is absent.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ class Embedder:
         token_budget: padded tokens per forward pass (a longer passage runs alone).
         normalize: L2-normalise every vector (cosine scoring).
         name, fingerprint: what reports print; what the embedding cache is keyed by.
+        extension: a context-window extension bound to this model (``Extension.bind``), or None.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, head: nn.Module | None = None, pooling: str = "mean",
@@ -74,7 +76,7 @@ class Embedder:
                  passage_prompt: str = "", chunk_size: int = 256, chunk_overlap: int = 64,
                  token_budget: int = 16384, normalize: bool = True, name: str = "model",
                  fingerprint: str | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, extension=None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         if mean_over not in ("content", "all"):
@@ -90,12 +92,15 @@ class Embedder:
         self.normalize, self.name, self.fingerprint = normalize, name, fingerprint or name
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
+        self.extension = extension  # a bound dewey_lab.eval.extension.Extension, or None
+        self.window = max_length  # the model's own window L_o (load.extend() may raise max_length past it)
 
     @property
     def fingerprint_extra(self) -> str:
         """Everything besides the weights that changes a vector; part of every cache key."""
         return (f"pool={self.pooling}/{self.mean_over}|len={self.max_length}|chunk={self.chunk_size}/"
-                f"{self.chunk_overlap}|norm={int(self.normalize)}|dtype={self.dtype}")
+                f"{self.chunk_overlap}|norm={int(self.normalize)}|dtype={self.dtype}|ext={self.extension!r}"
+                f"@{getattr(self.extension, 'original', '')}")
 
     # -- tokenisation ------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[Item]:
@@ -172,28 +177,42 @@ class Embedder:
                 out.append([i])
         return out
 
-    def _embed_batch(self, items: list[Item], chunks: bool) -> tuple[list[Tensor], list[Tensor]]:
+    def _collate(self, items: list[Item]) -> tuple[Tensor, Tensor, Tensor]:
         B, T = len(items), max(len(it.input_ids) for it in items)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((B, T), pad, dtype=torch.long)
+        ids = torch.full((B, T), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         attn = torch.zeros(B, T, dtype=torch.long)
         content = torch.zeros(B, T, dtype=torch.bool)
         for b, it in enumerate(items):
             n = len(it.input_ids)
             ids[b, :n], attn[b, :n] = torch.tensor(it.input_ids), 1
             content[b, :n] = torch.tensor(it.content_mask)
-        ids, attn, content = ids.to(self.device), attn.to(self.device), content.to(self.device)
+        return ids.to(self.device), attn.to(self.device), content.to(self.device)
+
+    def _hidden(self, ids: Tensor, attn: Tensor) -> Tensor:
+        """(B, T, H) fp32 last hidden state, through the extension when one is set (PCW aside)."""
+        ext = self.extension if not getattr(self.extension, "splits", False) else None
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype not in (None, torch.float32))
-        with autocast:
-            if T > BAND_FROM and can_band(self.model):  # dense (T, T) masks would dominate memory
-                with banded(self.model):
-                    hidden = self.model(input_ids=ids, attention_mask=key_masks(attn)).last_hidden_state
-            else:
-                hidden = self.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
-        hidden = hidden.float()
+        with autocast, ExitStack() as stack:
+            mask = attn
+            if ids.shape[1] > BAND_FROM and can_band(self.model):  # dense (T, T) masks would dominate memory
+                stack.enter_context(banded(self.model))
+                mask = key_masks(attn)
+            if ext is not None:
+                return ext.forward(self.model, ids, mask).float()
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+
+    def _pool(self, hidden: Tensor, content: Tensor, attn: Tensor) -> Tensor:
         mean = masked_mean(hidden, content if self.mean_over == "content" else attn.bool())  # (B, H)
-        single = {"cls": hidden[:, 0], "mean": mean, "cls_mean": 0.5 * (hidden[:, 0] + mean)}[self.pooling]
-        single = self._finish(single)
+        return {"cls": hidden[:, 0], "mean": mean, "cls_mean": 0.5 * (hidden[:, 0] + mean)}[self.pooling]
+
+    def _embed_batch(self, items: list[Item], chunks: bool) -> tuple[list[Tensor], list[Tensor]]:
+        if getattr(self.extension, "splits", False):  # PCW: windows embedded apart
+            hidden, single = self._pcw(items)
+        else:
+            ids, attn, content = self._collate(items)
+            hidden = self._hidden(ids, attn)
+            single = self._finish(self._pool(hidden, content, attn))
+        B = len(items)
         if not chunks:
             return list(single.cpu()), [None] * B
         rows = [b for b, it in enumerate(items) for _ in it.chunks]
@@ -206,6 +225,50 @@ class Embedder:
         vecs = self._finish(span_mean(hidden, row, start, end)).cpu()  # (N, D)
         split = list(torch.split(vecs, [len(it.chunks) for it in items]))
         return list(single.cpu()), split
+
+    def _pcw(self, items: list[Item]) -> tuple[Tensor, Tensor]:
+        """Parallel context windows: each passage's text in windows of the original length, each
+        window with the passage's CLS / prompt before and SEP after, embedded apart. Returns the
+        stitched hidden states (B, T, H) and the passage vectors (B, D): the windows' embeddings
+        (pooled, head, normalised: what the model outputs for each) averaged and normalised again."""
+        room_total = self.extension.original
+        windows: list[Item] = []
+        layout = []  # per passage: (head length, text start, text end, [(a, b) per window])
+        for it in items:
+            text = [i for i, c in enumerate(it.content_mask) if c]
+            first, end = (text[0], text[-1] + 1) if text else (len(it.input_ids) - 1, len(it.input_ids) - 1)
+            head, tail = it.input_ids[:first], it.input_ids[end:]
+            room = room_total - len(head) - len(tail)
+            if room < 1:
+                raise ValueError(f"pcw: the prompt and special tokens ({len(head) + len(tail)}) fill the whole "
+                                 f"{room_total}-token window; shorten the prompt")
+            spans = self.extension.windows(end - first, room)
+            layout.append((first, end, spans))
+            for a, b in spans:
+                ids = head + it.input_ids[first + a:first + b] + tail
+                windows.append(Item(ids, [False] * len(head) + [True] * (b - a) + [False] * len(tail), [], False))
+        pooled, states = [None] * len(windows), [None] * len(windows)
+        for batch in self.batches(windows):
+            ids, attn, content = self._collate([windows[i] for i in batch])
+            hidden = self._hidden(ids, attn)
+            vecs = self._finish(self._pool(hidden, content, attn))
+            for k, i in enumerate(batch):
+                pooled[i], states[i] = vecs[k], hidden[k, : len(windows[i].input_ids)]
+        T = max(len(it.input_ids) for it in items)
+        out = torch.zeros(len(items), T, states[0].shape[-1], device=self.device)
+        singles, w = [], 0
+        for b, (it, (first, end, spans)) in enumerate(zip(items, layout)):
+            mine = list(range(w, w + len(spans)))
+            w += len(spans)
+            singles.append(torch.stack([pooled[i] for i in mine]).mean(0))
+            out[b, :first] = states[mine[0]][:first]  # CLS and prompt from the first window
+            for i, (a, bb) in zip(mine, spans):  # text tokens: later windows overwrite the overlap
+                out[b, first + a:first + bb] = states[i][first:first + bb - a]
+            n_tail = len(it.input_ids) - end
+            if n_tail:
+                out[b, end:len(it.input_ids)] = states[mine[-1]][-n_tail:]  # SEP from the last window
+        single = torch.stack(singles)
+        return out, F.normalize(single, dim=-1) if self.normalize else single
 
     def _finish(self, x: Tensor) -> Tensor:
         if self.head is not None:

@@ -14,6 +14,7 @@ sentence-transformers caps that model at 256).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -47,7 +48,8 @@ def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
 
 def load_embedder(model: str, *, pooling: str | None = None, max_length: int | None = None,
                   query_prompt: str | None = None, passage_prompt: str | None = None, device: str = "auto",
-                  dtype: str = "auto", revision: str | None = None, **kwargs) -> Embedder:
+                  dtype: str = "auto", revision: str | None = None, extension=None, window: int | None = None,
+                  **kwargs) -> Embedder:
     """An Embedder for ``model``; ``None`` arguments take the model's own defaults.
 
     Args:
@@ -57,12 +59,16 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
         query_prompt, passage_prompt: default: the prompts the model declares, else none.
         device, dtype: auto picks CUDA + bf16 when present, else CPU + fp32.
         revision: hub revision (a commit pins it).
+        extension: a context-window extension (an Extension or a name like ``pi``); ``max_length``
+            is then its target length.
+        window: the model's original window L_o (default: its position table).
         kwargs: the rest of Embedder's arguments (chunk_size, chunk_overlap, token_budget, ...).
     """
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     if model.endswith(".ckpt"):
-        return _from_checkpoint(model, dev, dt, pooling, max_length, query_prompt, passage_prompt, **kwargs)
+        e = _from_checkpoint(model, dev, dt, pooling, query_prompt, passage_prompt, **kwargs)
+        return extend(e, extension, max_length, window)
     path = resolve_model(model)  # one-line FileNotFoundError for a path that does not exist
     local = is_local(model)
     st = _sentence_transformers_config(path, local, revision)
@@ -70,16 +76,36 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
     tokenizer = load_tokenizer(model)
     net = AutoModel.from_pretrained(path, config=config, local_files_only=local, revision=revision,
                                     attn_implementation=_attn_for(config)).to(dev)
-    length = check_length(config, window_of(config, tokenizer), max_length)
     prompts = st.get("prompts", {})
-    return Embedder(
+    e = Embedder(
         net, tokenizer, pooling=pooling or st.get("pooling", "mean"),
-        mean_over="all" if st else "content", max_length=length,
+        mean_over="all" if st else "content", max_length=window_of(config, tokenizer),
         query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
         passage_prompt=(prompts.get("document", prompts.get("passage", "")) if passage_prompt is None
                         else passage_prompt),
         name=_display_name(model, path, local), fingerprint=model_fingerprint(model, revision),
         device=dev, dtype=dt, **kwargs)
+    return extend(e, extension, max_length, window)
+
+
+def extend(embedder: Embedder, extension=None, max_length: int | None = None, window: int | None = None) -> Embedder:
+    """A copy of ``embedder`` that reads ``max_length`` tokens, through ``extension`` if given.
+
+    Without an extension, ``max_length`` may not exceed a learned position table (one-line error);
+    with one, the extension is bound to the model (window L_o -> max_length) and says whether it fits.
+    """
+    from dewey_lab.eval.extension import parse_extension
+
+    e = copy.copy(embedder)
+    e.window = window or embedder.window
+    ext = parse_extension(extension)
+    if ext is None:
+        e.extension = None
+        e.max_length = check_length(e.model.config, e.window, max_length)
+        return e
+    e.extension = copy.deepcopy(ext).bind(e.model, e.window, max_length or e.window)
+    e.max_length = e.extension.target
+    return e
 
 
 def _display_name(model: str, path: str, local: bool) -> str:
@@ -121,7 +147,7 @@ def _sentence_transformers_config(path: str, local: bool, revision: str | None) 
     return out
 
 
-def _from_checkpoint(path: str, dev, dt, pooling, max_length, query_prompt, passage_prompt, **kwargs) -> Embedder:
+def _from_checkpoint(path: str, dev, dt, pooling, query_prompt, passage_prompt, **kwargs) -> Embedder:
     from dewey_lab.module import DistillModule
 
     if not Path(path).is_file():
@@ -132,9 +158,7 @@ def _from_checkpoint(path: str, dev, dt, pooling, max_length, query_prompt, pass
         raise ValueError(f"{path} has no projection head (trained before teacher_dim was saved); retrain it")
     module.to(dev)
     tokenizer = load_tokenizer(module.spec.tokenizer_name)
-    config = module.student.config
-    length = check_length(config, config.max_position_embeddings, max_length)
     return Embedder(module.student, tokenizer, head=module.projection, pooling=pooling or "mean",
-                    max_length=length, query_prompt=query_prompt or "", passage_prompt=passage_prompt or "",
+                    max_length=module.student.config.max_position_embeddings, query_prompt=query_prompt or "", passage_prompt=passage_prompt or "",
                     name=Path(path).parent.parent.name + "/" + Path(path).stem,
                     fingerprint=model_fingerprint(path), device=dev, dtype=dt, **kwargs)

@@ -21,16 +21,22 @@ LONGEMBED_SIX = ("passkey", "needle", "narrativeqa", "qmsum", "2wikimqa", "summ_
 def summarize(rows: list[dict]) -> dict:
     """{mode: {task: mean main score over lengths, ..., "longembed_avg": mean of six}} in percent."""
     out: dict[str, dict[str, float]] = {}
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    for mode in dict.fromkeys(_run(r) for r in rows):
         per_task: dict[str, list[float]] = {}
         for r in rows:
-            if r["mode"] == mode:
+            if _run(r) == mode:
                 per_task.setdefault(r["task"], []).append(r["main"])
         scores = {t: 100 * sum(v) / len(v) for t, v in per_task.items()}
         if all(t in scores for t in LONGEMBED_SIX):
             scores["longembed_avg"] = sum(scores[t] for t in LONGEMBED_SIX) / len(LONGEMBED_SIX)
         out[mode] = scores
     return out
+
+
+def _run(row: dict) -> str:
+    """``single``, or ``single + pcw`` when the row ran through an extension."""
+    ext = row.get("extension", "none")
+    return row["mode"] if ext == "none" else f"{row['mode']} + {ext}"
 
 
 def markdown(payload: dict) -> str:
@@ -43,13 +49,13 @@ def markdown(payload: dict) -> str:
     lines.append("")
     synth = [r for r in rows if r["length"] is not None]
     if synth:
-        cols = list(dict.fromkeys((r["task"], r["mode"]) for r in synth))
-        lines += ["| length | " + " | ".join(f"{t} {m} (Acc@1)" for t, m in cols) + " |",
+        cols = list(dict.fromkeys((r["task"], _run(r)) for r in synth))
+        lines += ["Acc@1 (%) per length:", "","| length | " + " | ".join(f"{t} {m}" for t, m in cols) + " |",
                   "|---:|" + "---:|" * len(cols)]
         for length in sorted({r["length"] for r in synth}):
             cells = []
             for t, m in cols:
-                hit = [r for r in synth if (r["task"], r["mode"], r["length"]) == (t, m, length)]
+                hit = [r for r in synth if (r["task"], _run(r), r["length"]) == (t, m, length)]
                 cells.append(_cell(hit[0]) if hit else "")
             lines.append(f"| {length} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -57,7 +63,7 @@ def markdown(payload: dict) -> str:
     if real:
         lines += ["| task | mode | nDCG@10 | nDCG@1 | Recall@10 | queries | docs |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in real:
-            lines.append(f"| {r['task']} | {r['mode']} | {_cell(r, 'ndcg@10')} | {100 * r['ndcg@1']:.2f} | "
+            lines.append(f"| {r['task']} | {_run(r)} | {_cell(r, 'ndcg@10')} | {100 * r['ndcg@1']:.2f} | "
                          f"{100 * r['recall@10']:.2f} | {r['n_queries']} | {r['n_docs']} |")
         lines.append("")
     summary = payload["summary"]

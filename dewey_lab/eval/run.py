@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passage_prompt", "--passage-prompt", type=str, default=None)
     p.add_argument("--chunk_size", "--chunk-size", type=int, default=256, help="multi-vector chunk, tokens")
     p.add_argument("--chunk_overlap", "--chunk-overlap", type=int, default=64)
+    p.add_argument("--extension", type=str, default="none",
+                   help="context-window extension, or a comma list to compare: none, pcw, gp, rp, pi, ntk, yarn, "
+                        "selfextend; arguments in parentheses, e.g. 'ntk(factor=10)' or 'selfextend(group=9,window=64)'. "
+                        "The target length is --max_length, else the longest --lengths")
+    p.add_argument("--window", type=int, default=None, help="the model's original window L_o (default: its "
+                   "position table; e.g. 256 for a student trained on 256-token windows)")
     p.add_argument("--synthetic", type=str, default="generate",
                    help="passkey/needle: generate (any length, in the model's tokens) or benchmark (dwzhu/LongEmbed)")
     p.add_argument("--source", type=str, default=None, help="local folder with the benchmark files (default: hub)")
@@ -158,32 +164,47 @@ def main(argv: list[str] | None = None) -> dict:
     modes = {"single": ["single"], "multi": ["multi"], "both": ["single", "multi"]}.get(a.mode)
     if modes is None:
         raise ValueError(f"--mode must be single, multi or both, got {a.mode!r}")
+    extensions = split_specs(a.extension)
     if a.model == "bm25":
         from dewey_lab.eval.retrieval import BM25Retriever
         from dewey_lab.resolve import OFFLINE_TEACHER
         from dewey_lab.student import load_tokenizer
 
-        retriever, tokenizer, window = BM25Retriever(), load_tokenizer(a.tokenizer or OFFLINE_TEACHER), None
+        if extensions != ["none"]:
+            raise ValueError("bm25 reads whole texts: it takes no --extension")
+        runs, tokenizer, window = [("none", BM25Retriever(), None)], load_tokenizer(a.tokenizer or OFFLINE_TEACHER), None
     else:
-        from dewey_lab.eval.load import load_embedder
+        from dewey_lab.eval.load import extend, load_embedder
         from dewey_lab.eval.retrieval import DenseRetriever
 
-        embedder = load_embedder(a.model, pooling=a.pooling, max_length=a.max_length, query_prompt=a.query_prompt,
-                                 passage_prompt=a.passage_prompt, device=a.device, dtype=a.dtype,
-                                 chunk_size=a.chunk_size, chunk_overlap=a.chunk_overlap, token_budget=a.token_budget)
-        retriever = DenseRetriever(embedder, modes, cache_dir=a.cache_dir or None, progress=a.progress)
-        tokenizer, window = embedder.tokenizer, embedder.max_length
-        too_long = [n for n in (lengths or []) if n > window]
-        if too_long and any(t in LONGEMBED_SYNTHETIC for t in names):
-            log.warning("lengths %s exceed the %d-token window of %s: those passages will be truncated (no "
-                        "extension method applied)", ",".join(map(str, too_long)), window, embedder.name)
+        base = load_embedder(a.model, pooling=a.pooling, query_prompt=a.query_prompt, passage_prompt=a.passage_prompt,
+                             device=a.device, dtype=a.dtype, window=a.window, chunk_size=a.chunk_size,
+                             chunk_overlap=a.chunk_overlap, token_budget=a.token_budget)
+        synthetic_lengths = (lengths or list(PAPER_LENGTHS)) if any(t in LONGEMBED_SYNTHETIC for t in names) else []
+        target = a.max_length or max(synthetic_lengths, default=None)
+        runs = []
+        for spec in extensions:  # every extension is bound (and checked) before any forward pass
+            e = extend(base, spec, a.max_length if spec == "none" else target, a.window)
+            label = "none" if e.extension is None else repr(e.extension)
+            runs.append((label, DenseRetriever(e, modes, cache_dir=a.cache_dir or None, progress=a.progress),
+                         e.max_length))
+        tokenizer, window = base.tokenizer, base.window
+        too_long = [n for n in synthetic_lengths if n > min(r[2] for r in runs)]
+        if too_long:
+            log.warning("lengths %s exceed the %d-token window of %s: those passages will be truncated where no "
+                        "extension reaches them", ",".join(map(str, too_long)), window, base.name)
     tasks = build_tasks(names, tokenizer, lengths, synthetic=a.synthetic, source=a.source, n_queries=a.n_queries,
                         n_docs=a.n_docs, seed=a.seed, haystack=a.haystack)
-    rows = evaluate(retriever, tasks, window)
+    rows = []
+    for label, retriever, max_length in runs:
+        for row in evaluate(retriever, tasks, max_length):
+            rows.append({**row, "extension": label})
+    first = runs[0][1]
     payload = {
-        "model": a.model if a.model == "bm25" else retriever.embedder.name,
+        "model": a.model if a.model == "bm25" else first.embedder.name,
         "settings": {"tasks": a.tasks, "mode": a.mode, "model_path": a.model, "window": window,
-                     **({} if a.model == "bm25" else _embedder_settings(retriever.embedder)),
+                     "extension": ", ".join(r[0] for r in runs),
+                     **({} if a.model == "bm25" else _embedder_settings(first.embedder)),
                      "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries, "n_docs": a.n_docs},
         "rows": rows,
         "summary": summarize(rows),
@@ -194,7 +215,25 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
+def split_specs(text: str | list | None) -> list[str]:
+    """``none,pcw,selfextend(group=9,window=64)`` -> three specs (commas inside parentheses stay)."""
+    if text is None:
+        return ["none"]
+    if isinstance(text, list):
+        return [str(t) for t in text] or ["none"]
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [o for o in out if o] or ["none"]
+
+
 def _embedder_settings(e) -> dict:
-    return {"fingerprint": e.fingerprint, "pooling": e.pooling, "mean_over": e.mean_over, "max_length": e.max_length,
+    return {"fingerprint": e.fingerprint, "pooling": e.pooling, "mean_over": e.mean_over,
             "query_prompt": e.query_prompt, "passage_prompt": e.passage_prompt, "chunk_size": e.chunk_size,
             "chunk_overlap": e.chunk_overlap, "dtype": str(e.dtype).removeprefix("torch.")}

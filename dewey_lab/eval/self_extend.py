@@ -1,0 +1,96 @@
+"""SelfExtend (arXiv 2401.01325) for a bidirectional encoder: ModernBERT's global-attention layers.
+
+Within ``w`` tokens a query and key keep their true relative position; farther apart, both are
+grouped by ``g`` and shifted by ``w - floor(w/g)`` so the grouped distances continue where the
+neighbour window stops. A causal model only needs the lower triangle; an encoder needs both:
+
+    d(i, j) = j - i                                     if |j - i| <= w
+            = floor(j/g) - floor(i/g) + (w - floor(w/g))  if j > i + w   (keys after the query)
+            = floor(j/g) - floor(i/g) - (w - floor(w/g))  if j < i - w   (keys before it)
+
+RoPE logits depend only on the difference of the two rotation angles, so each case is one pair of
+rotated q / k tensors: normal (i, j); keys after (floor(i/g), floor(j/g) + shift); keys before
+(floor(i/g) + shift, floor(j/g)). The three logit matrices are merged by distance, which costs
+O(L^2) memory per layer: fine to ~8k tokens on a CPU, and what the method costs anywhere.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def relative_positions(length: int, g: int, w: int) -> Tensor:
+    """(L, L) effective key-minus-query distance d(i, j) that SelfExtend gives query i and key j."""
+    pos = torch.arange(length)
+    d = pos[None, :] - pos[:, None]  # j - i
+    grouped = (pos // g)[None, :] - (pos // g)[:, None]
+    shift = w - w // g
+    return torch.where(d.abs() <= w, d, torch.where(d > 0, grouped + shift, grouped - shift))
+
+
+def _rotate(x: Tensor, positions: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
+    """RoPE as ModernBERT applies it (rotate-half layout), at arbitrary integer positions."""
+    freqs = positions[:, None].float() * inv_freq[None, :].float()  # (L, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def self_extend_logits(q: Tensor, k: Tensor, inv_freq: Tensor, g: int, w: int, scale: float = 1.0) -> Tensor:
+    """Pre-softmax logits (B, H, L, L), before the 1/sqrt(d) factor, for un-rotated q, k (B, H, L, Dh)."""
+    L = q.shape[2]
+    pos = torch.arange(L, device=q.device)
+    shift = w - w // g
+    grouped = pos // g
+    normal = _rotate(q, pos, inv_freq, scale) @ _rotate(k, pos, inv_freq, scale).transpose(-1, -2)
+    after = _rotate(q, grouped, inv_freq, scale) @ _rotate(k, grouped + shift, inv_freq, scale).transpose(-1, -2)
+    before = _rotate(q, grouped + shift, inv_freq, scale) @ _rotate(k, grouped, inv_freq, scale).transpose(-1, -2)
+    d = pos[None, :] - pos[:, None]
+    return torch.where(d.abs() <= w, normal, torch.where(d > 0, after, before))
+
+
+def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+    """Replacement forward of a global ModernBertAttention; same inputs and outputs as the original."""
+    from dewey_lab.eval.extension import _SCALE
+
+    B, L, _ = hidden_states.shape
+    qkv = self.Wqkv(hidden_states).view(B, L, 3, -1, self.head_dim)
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(dim=-3))  # (B, H, L, Dh)
+    rotary = self._dewey_rotary
+    logits = self_extend_logits(q, k, rotary.full_attention_inv_freq, self._dewey_g, self._dewey_w,
+                                rotary.full_attention_attention_scaling)
+    scaling = self.head_dim ** -0.5
+    scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active
+    logits = logits.float() * (scaling * (scaled[1] if scaled else 1.0))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        else:
+            logits = logits + attention_mask
+    out = F.softmax(logits, dim=-1).to(v.dtype) @ v  # (B, H, L, Dh)
+    out = out.transpose(1, 2).reshape(B, L, -1)
+    return self.out_drop(self.Wo(out)), None
+
+
+@contextmanager
+def self_extend_layers(model, g: int, w: int):
+    """Inside the block, ModernBERT's global attention layers use SelfExtend(g, w); local ones are untouched."""
+    patched = []
+    for layer in model.layers:
+        attn = layer.attn
+        if attn.sliding_window is not None:  # local layers: distances never exceed their window
+            continue
+        attn._dewey_rotary, attn._dewey_g, attn._dewey_w = model.rotary_emb, g, w
+        attn.forward = types.MethodType(_forward, attn)
+        patched.append(attn)
+    try:
+        yield
+    finally:
+        for attn in patched:
+            del attn.forward, attn._dewey_rotary, attn._dewey_g, attn._dewey_w
