@@ -26,6 +26,9 @@ setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hu
 train: setup ## train experiments/$(EXP).yaml (default tiny: offline, CPU, ~10 min)
 	$(VENV)/bin/dewey-lab fit -c experiments/$(EXP).yaml
 
+eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EXP).yaml (e.g. EXP=extension_ablation)
+	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml
+
 test: setup ## run the test suite (CPU, offline; what CI runs)
 	$(PY) -m pytest
 
@@ -41,4 +44,4 @@ lint: setup ## ruff over the package and tests
 clean: ## remove runs/ and results/ (keeps data/: corpus and teacher cache)
 	rm -rf runs results lightning_logs
 
-.PHONY: help setup train test bench tensorboard lint clean
+.PHONY: help setup train eval test bench tensorboard lint clean

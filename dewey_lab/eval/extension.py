@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import inspect
 import math
 import re
 from contextlib import ExitStack, contextmanager
@@ -61,7 +62,9 @@ class Extension:
         self.s = 1
 
     def __repr__(self) -> str:
-        args = {k: v for k, v in vars(self).items() if k in self._args() and v not in (None, False)}
+        """The spec that rebuilds it: ``pi``, ``ntk(factor=10)``; arguments left at their default are omitted."""
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()}
+        args = {k: getattr(self, k) for k in self._args() if getattr(self, k) != defaults.get(k)}
         return self.name + (f"({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
     def _args(self) -> tuple[str, ...]:

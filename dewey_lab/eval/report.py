@@ -36,7 +36,8 @@ def summarize(rows: list[dict]) -> dict:
 def _run(row: dict) -> str:
     """``single``, or ``single + pcw`` when the row ran through an extension."""
     ext = row.get("extension", "none")
-    return row["mode"] if ext == "none" else f"{row['mode']} + {ext}"
+    label = row["mode"] if ext == "none" else f"{row['mode']} + {ext}"
+    return f"{row['model']}: {label}" if "model" in row else label  # a study's rows name their model
 
 
 def markdown(payload: dict) -> str:

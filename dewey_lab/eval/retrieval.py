@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +47,9 @@ class DenseRetriever:
         if bad or not modes:
             raise ValueError(f"unknown scoring mode {bad[0] if bad else ''!r}; use single, multi or both")
         self.embedder, self.modes, self.block, self.progress = embedder, tuple(modes), block, progress
-        self.cache = TeacherCache(cache_dir) if cache_dir else None
+        # one store per model: vector sizes differ between models, and a store holds one size
+        model_dir = hashlib.sha256(embedder.fingerprint.encode()).hexdigest()[:16]
+        self.cache = TeacherCache(Path(cache_dir) / model_dir) if cache_dir else None
         self.truncated = 0  # passages cut at the window in the last score() call
 
     @property

