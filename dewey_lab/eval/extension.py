@@ -76,7 +76,8 @@ class Extension:
         kind = "rope" if uses_rope(model.config) else "ape"
         if kind not in self.fits:
             other = ", ".join(c.name for c in _methods() if kind in c.fits)
-            raise ValueError(f"extension {self.name} needs a {' or '.join(m.upper() for m in self.fits)} model, but "
+            kinds = {"ape": "learned-position", "rope": "RoPE"}
+            raise ValueError(f"extension {self.name} needs a {' or '.join(kinds[m] for m in self.fits)} model, but "
                              f"{model.config.model_type} has {'RoPE' if kind == 'rope' else 'learned absolute'} "
                              f"positions; use one of: {other}")
         self.original, self.target = original, max(target, original)
