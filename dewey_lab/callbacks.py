@@ -151,3 +151,84 @@ class PasskeyCallback(L.Callback):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
         fig.tight_layout()
         return fig
+
+
+class RunInfo(L.Callback):
+    """Writes ``run_info.json`` next to the run's logs and ``config.yaml``: git revision, package
+    versions, the corpus, chunker and teacher fingerprints, the teacher cache, wall time and
+    whether the run finished, so any run (and any row of a comparison) can be rerun exactly.
+    Added to every ``dewey-lab fit`` by the CLI."""
+
+    PACKAGES = ("dewey-lab", "torch", "lightning", "transformers", "sentence-transformers", "torchmetrics",
+                "torch-optimi", "langchain-text-splitters", "flash-attn")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0 = 0.0
+        self.info: dict = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import sys
+        import time
+        from datetime import datetime, timezone
+
+        self._t0 = time.perf_counter()
+        dm = getattr(trainer, "datamodule", None)
+        data = {}
+        if dm is not None and hasattr(dm, "corpus"):
+            data = {"corpus": f"{type(dm.corpus).__name__}:{dm.corpus.fingerprint()}",
+                    "chunker": {k: v for k, v in vars(dm.chunker).items() if not k.startswith("_")},
+                    "teacher": dm.teacher.fingerprint, "teacher_cache": str(dm.cache.dir),
+                    "teacher_cache_vectors": len(dm.cache)}
+            stats = getattr(dm, "fill_stats", None)
+            if stats is not None:
+                data["teacher_cache_hit_rate"] = stats.hit_rate
+        self.info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
+                     "git": _git_revision(), "versions": _versions(self.PACKAGES), "data": data,
+                     "finished": False}
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self.info.update(finished=not trainer.interrupted, global_step=trainer.global_step,
+                         wall_seconds=round(time.perf_counter() - self._t0, 1))
+        self._write(trainer)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        import json
+
+        from dewey_lab.eval.report import atomic_write
+
+        if trainer.is_global_zero and trainer.log_dir:
+            from pathlib import Path
+
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(trainer.log_dir) / "run_info.json", json.dumps(self.info, indent=2, default=str) + "\n")
+
+
+def _git_revision() -> dict:
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}  # not a git checkout (an installed wheel)
+    return {"commit": commit, "dirty": dirty}
+
+
+def _versions(packages) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

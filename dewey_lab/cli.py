@@ -20,6 +20,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
+from dewey_lab.callbacks import RunInfo
 from dewey_lab.datamodule import DistillDataModule
 from dewey_lab.module import DistillModule
 
@@ -61,7 +62,8 @@ def main(args: list[str] | None = None) -> None:
             return
         check_config_files(argv)
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                 trainer_defaults={"callbacks": [RunInfo()]})  # added to whatever callbacks a config lists
     except (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError) as err:
         if os.environ.get("DEWEY_TRACEBACK"):
             raise

