@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 
 EXP ?= tiny
+# a study (theta_ablation, ...) runs on the tiny CPU scale unless SCALE= (empty) or SCALE=dewey
+SCALE ?= $(if $(filter tiny dewey,$(EXP)),,tiny)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU-only machines get the CPU build of torch 2.13.0; machines with nvidia-smi get the newest CUDA
@@ -12,7 +14,7 @@ EXTRAS ?= dev
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: EXP=$(EXP) (experiments/<EXP>.yaml)  TORCH=$(TORCH)  EXTRAS=$(EXTRAS)"
+	@echo "  variables: EXP=$(EXP) (experiments/<EXP>.yaml)  SCALE=$(SCALE)  TORCH=$(TORCH)  EXTRAS=$(EXTRAS)"
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -23,8 +25,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hub,flash for more)
 
-train: setup ## train experiments/$(EXP).yaml (default tiny: offline, CPU, ~10 min)
-	$(VENV)/bin/dewey-lab fit -c experiments/$(EXP).yaml
+train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (studies stack on SCALE=tiny)
+	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml
 
 eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EXP).yaml (e.g. EXP=extension_ablation)
 	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
@@ -23,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from dewey_lab.callbacks import RunInfo
 from dewey_lab.datamodule import DistillDataModule
 from dewey_lab.module import DistillModule
+from dewey_lab.sweep import apply_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "experiments" / "base.yaml"
@@ -30,6 +32,8 @@ BASE_CONFIG = REPO / "experiments" / "base.yaml"
 
 class DeweyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--sweep", type=dict | None, default=None,
+                            help="a study's sweep: dotted key -> list of values (see dewey_lab/sweep.py)")
         # the data module tokenises with the student's tokenizer: one setting, two readers
         parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.tokenizer",
                               compute_fn=lambda tokenizer, name: tokenizer or name)
@@ -50,6 +54,7 @@ def main(args: list[str] | None = None) -> None:
     for noisy in ("httpx", "urllib3", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if args is None else list(args)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass argv on purpose
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
     sub_kwargs = {"default_config_files": defaults, "exit_on_error": False}
     parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}
@@ -60,7 +65,13 @@ def main(args: list[str] | None = None) -> None:
 
             eval_main(argv[1:])
             return
+        if argv[:1] == ["sweep"]:  # every variant of a study, each its own run
+            run_sweep(argv[1:])
+            return
         check_config_files(argv)
+        if argv[:1] == ["fit"]:
+            argv = ["fit", *apply_sweep(argv[1:], lambda a: merged_config(["fit", *a], parser_kwargs))]
+            args = argv
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                  trainer_defaults={"callbacks": [RunInfo()]})  # added to whatever callbacks a config lists
@@ -69,6 +80,51 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def merged_config(argv: list[str], parser_kwargs: dict) -> dict:
+    """The merged config ``argv`` would run, as a dict (the parser's --print_config, in process)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=[*argv, "--print_config"],
+                 auto_configure_optimizers=False)
+    return yaml.safe_load(out.getvalue()) or {}
+
+
+def run_sweep(argv: list[str]) -> None:
+    """``dewey-lab sweep -c <study>.yaml [--force] [--print]``: each variant as its own ``fit`` process."""
+    import shlex
+    import subprocess
+
+    from dewey_lab.sweep import finished, sweep_block, variant_name, variants
+
+    force, show = "--force" in argv, "--print" in argv
+    argv = [a for a in argv if a not in ("--force", "--print")]
+    check_config_files(["fit", *argv])
+    files = [v for f, v in itertools.pairwise(argv) if f in ("-c", "--config")]
+    block = sweep_block(files)
+    study = Path(files[-1]).stem if files else "base"
+    todo = list(enumerate(variants(block))) if block else [(None, {})]
+    failed = []
+    for k, overrides in todo:
+        cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", *argv] + ([] if k is None else ["--sweep_index", str(k)])
+        name = variant_name(overrides)
+        if show:
+            print(shlex.join(["dewey-lab", *cmd[3:]]))
+            continue
+        if k is not None and not force and finished(study, name):
+            print(f"sweep: {study}/{name} finished before; skipped (--force reruns it)", file=sys.stderr)
+            continue
+        print(f"sweep: {study}/{name}", file=sys.stderr)
+        if subprocess.run(cmd, check=False).returncode:
+            failed.append(name)
+    if failed:
+        raise RuntimeError(f"sweep {study}: {len(failed)} variant(s) failed: {', '.join(failed)}")
 
 
 def check_config_files(argv: list[str]) -> None:

@@ -1,0 +1,55 @@
+"""Sweeps: variants, names, overrides through the real parser, bad keys -> one line naming the nearest."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dewey_lab.cli import REPO, main
+from dewey_lab.sweep import check_keys, override_args, variant_name, variants
+
+TINY = str(REPO / "experiments" / "tiny.yaml")
+THETA = str(REPO / "experiments" / "theta_ablation.yaml")
+
+
+def test_variants_are_the_product_in_file_order():
+    vs = variants({"model.lr": [1e-3, 1e-4], "model.cosine.init_args.weight": [0, 10]})
+    assert vs == [{"model.lr": 1e-3, "model.cosine.init_args.weight": 0},
+                  {"model.lr": 1e-3, "model.cosine.init_args.weight": 10},
+                  {"model.lr": 1e-4, "model.cosine.init_args.weight": 0},
+                  {"model.lr": 1e-4, "model.cosine.init_args.weight": 10}]
+    assert variant_name(vs[1]) == "lr=0.001,weight=10"
+    assert override_args({"a.b": [1, 2], "c": True}) == ["--a.b=[1, 2]", "--c=true"]
+
+
+def test_nearest_key():
+    with pytest.raises(ValueError) as err:
+        check_keys({"model.student.global_rope_thta": [1]}, {"model": {"student": {"global_rope_theta": 1}}})
+    assert "did you mean model.student.global_rope_theta?" in str(err.value)
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_each_variant_reads_back_its_theta(index, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", TINY, "-c", THETA, "--sweep_index", str(index), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    theta = yaml.safe_load(Path(THETA).read_text())["sweep"]["model.student.global_rope_theta"][index]
+    assert printed["model"]["student"]["global_rope_theta"] == theta
+    assert printed["trainer"]["logger"]["init_args"]["version"] == f"global_rope_theta={theta}"
+
+
+def test_sweep_prints_one_command_per_variant(capsys):
+    main(["sweep", "-c", TINY, "-c", THETA, "--print"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[3].endswith("--sweep_index 3")
+
+
+def test_bad_sweep_input_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep:\n  model.student.global_rope_thta: [1, 2]\n")
+    for argv, expect in ((["fit", "-c", TINY, "-c", str(bad)], "did you mean model.student.global_rope_theta"),
+                         (["fit", "-c", TINY, "-c", THETA, "--sweep_index", "7"], "out of range")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and expect in err[0]
