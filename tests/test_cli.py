@@ -155,3 +155,20 @@ def _scalars(event_file, tag):
     acc = EventAccumulator(str(event_file))
     acc.Reload()
     return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+
+
+def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = _small(tmp_path, small_corpus_path, shared_cache_dir, **{"trainer.max_steps": 1})
+    study = tmp_path / "mini_study.yaml"
+    study.write_text("sweep:\n  model.student.global_rope_theta: [1000.0, 2000000.0]\n")
+    main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])
+    runs = sorted(p.name for p in (tmp_path / "runs" / "mini_study").iterdir())
+    assert runs == ["global_rope_theta=1000.0", "global_rope_theta=2000000.0"]
+    for name, theta in zip(runs, (1000.0, 2000000.0)):
+        saved = yaml.safe_load((tmp_path / "runs" / "mini_study" / name / "config.yaml").read_text())
+        assert saved["model"]["student"]["global_rope_theta"] == theta
+        assert json.loads((tmp_path / "runs" / "mini_study" / name / "run_info.json").read_text())["finished"]
+    capsys.readouterr()
+    main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])  # both finished: nothing runs again
+    assert capsys.readouterr().err.count("skipped") == 2
