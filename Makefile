@@ -28,6 +28,9 @@ setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hu
 train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (studies stack on SCALE=tiny)
 	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml
 
+compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/)
+	$(PY) -m dewey_lab.compare $(EXP)
+
 eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EXP).yaml (e.g. EXP=extension_ablation)
 	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml
 
@@ -46,4 +49,4 @@ lint: setup ## ruff over the package and tests
 clean: ## remove runs/ and results/ (keeps data/: corpus and teacher cache)
 	rm -rf runs results lightning_logs
 
-.PHONY: help setup train eval test bench tensorboard lint clean
+.PHONY: help setup train compare eval test bench tensorboard lint clean

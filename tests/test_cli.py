@@ -172,3 +172,10 @@ def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, shared_cache_
     capsys.readouterr()
     main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])  # both finished: nothing runs again
     assert capsys.readouterr().err.count("skipped") == 2
+
+    from dewey_lab.compare import compare
+
+    report = compare("mini_study", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"))
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| global_rope_theta=")]
+    assert len(rows) == 2 and all(" True |" in r for r in rows)
+    assert (report.parent / "loss.png").stat().st_size > 0 and (report.parent / "passkey.png").exists()
