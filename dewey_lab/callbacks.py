@@ -198,12 +198,11 @@ class RunInfo(L.Callback):
     def _write(self, trainer: L.Trainer) -> None:
         import json
 
-        from dewey_lab.eval.report import atomic_write
+        from dewey_lab.files import atomic_write
 
         if trainer.is_global_zero and trainer.log_dir:
             from pathlib import Path
 
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
             atomic_write(Path(trainer.log_dir) / "run_info.json", json.dumps(self.info, indent=2, default=str) + "\n")
 
 

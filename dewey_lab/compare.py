@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from dewey_lab.eval.report import atomic_write
+from dewey_lab.files import atomic_write
 
 COLUMNS = ("train/loss", "val/loss", "val/cos_whole", "val/cos_chunk")
 

@@ -14,7 +14,6 @@ module list (211 names; the 5 Windows-only ones fail to import and are skipped):
 Two builds on the same machine give byte-identical files.
 """
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -30,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from dewey_lab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ class PydocCorpus(CorpusSource):
             records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
         pages = [r for r in records if "id" in r]
         skipped = [r["skipped"] for r in records if "skipped" in r]
-        _atomic_write_jsonl(path, pages)
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pages))
         log.info(
             "built %s: %d pages in %.1fs; skipped (import failed): %s",
             path,
@@ -468,24 +469,6 @@ def _render_pydoc_child() -> None:
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failing module is skipped, not fatal
                 record = {"skipped": name, "error": f"{type(exc).__name__}: {exc}"}
             out.write(json.dumps(record) + "\n")
-
-
-def _atomic_write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write tmp file in the same dir, fsync, rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is ordinary shared data
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class MixtureCorpus(CorpusSource):

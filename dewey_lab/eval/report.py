@@ -9,11 +9,11 @@ rename), so a crash never leaves a half-written result.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from dewey_lab.files import atomic_write
 
 LONGEMBED_SIX = ("passkey", "needle", "narrativeqa", "qmsum", "2wikimqa", "summ_screen_fd")
 
@@ -89,22 +89,8 @@ def write_results(payload: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """``<out_dir>/<model>/<time>-<tasks>.json`` and ``.md``, each written atomically."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = Path(out_dir) / slug(payload["model"])
-    folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"{stamp}-{slug(payload['settings'].get('tasks', 'tasks'))[:60]}"
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
     atomic_write(json_path, json.dumps(payload, indent=2) + "\n")
     atomic_write(md_path, markdown(payload))
     return json_path, md_path
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
