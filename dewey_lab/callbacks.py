@@ -79,16 +79,13 @@ class PasskeyCallback(L.Callback):
     # -- what ---------------------------------------------------------------------------------------
     def generated(self, tokenizer) -> list[RetrievalTask]:
         if self._tasks is None:
-            from dewey_lab.eval.run import read_haystack
-            from dewey_lab.eval.synthetic import default_haystack, make_synthetic
+            from dewey_lab.eval.synthetic import make_synthetic, read_haystack
 
-            self._tasks = []
-            for kind in self.tasks:
-                text = None
-                if kind == "needle":
-                    text = read_haystack(self.haystack) if self.haystack else default_haystack()
-                self._tasks += make_synthetic(kind, tokenizer, self.lengths, n_queries=self.n_queries,
-                                              n_docs=self.n_docs, seed=self.seed, haystack=text)
+            needs = self.haystack and "needle" in self.tasks
+            text = read_haystack(self.haystack) if needs else None  # None: the offline pydoc text
+            self._tasks = [t for kind in self.tasks
+                           for t in make_synthetic(kind, tokenizer, self.lengths, n_queries=self.n_queries,
+                                                   n_docs=self.n_docs, seed=self.seed, haystack=text)]
         return self._tasks
 
     def embedder(self, pl_module) -> Embedder:

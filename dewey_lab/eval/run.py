@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 from dewey_lab.eval.data import LOCO_SUBSETS, LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_loco, load_longembed
 from dewey_lab.eval.metrics import retrieval_metrics
@@ -62,19 +61,17 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
                 haystack: str | None = None) -> list[RetrievalTask]:
     """RetrievalTasks for ``names``: synthetic ones generated (lengths in ``tokenizer``'s tokens) or
     read from the benchmark; real ones from the hub or the ``source`` folder."""
-    from dewey_lab.eval.synthetic import default_haystack, make_synthetic
+    from dewey_lab.eval.synthetic import make_synthetic, read_haystack
 
     if synthetic not in ("generate", "benchmark"):
         raise ValueError(f"--synthetic must be generate or benchmark, got {synthetic!r}")
     tasks: list[RetrievalTask] = []
     loco = [n.removeprefix("loco/") for n in names if n.startswith("loco/")]
     for name in names:
-        if name in LONGEMBED_SYNTHETIC and synthetic == "generate":
-            text = None
-            if name == "needle":
-                text = read_haystack(haystack) if haystack else default_haystack()
+        if name in LONGEMBED_SYNTHETIC and synthetic == "generate":  # haystack None: the offline pydoc text
             tasks += make_synthetic(name, tokenizer, lengths or list(PAPER_LENGTHS), n_queries=n_queries,
-                                    n_docs=n_docs, seed=seed, haystack=text)
+                                    n_docs=n_docs, seed=seed,
+                                    haystack=read_haystack(haystack) if haystack and name == "needle" else None)
         elif name in LONGEMBED_SYNTHETIC or name in LONGEMBED_REAL:
             tasks += load_longembed(name, source=source, lengths=lengths)
         elif name == "loco":
@@ -82,19 +79,6 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
     if loco:
         tasks += load_loco(subsets=loco, source=source)
     return tasks
-
-
-def read_haystack(path: str) -> str:
-    """A needle haystack from a text file, or the ``text`` fields of a jsonl file, joined."""
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"haystack file {path} does not exist; give a .txt or .jsonl file, or omit "
-                                "--haystack for the offline pydoc text")
-    if p.suffix == ".jsonl":
-        return "\n\n".join(json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip())
-    return p.read_text()
 
 
 def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -> list[dict]:

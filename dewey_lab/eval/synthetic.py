@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import operator
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -173,6 +175,18 @@ def default_haystack(cache_path: str = "data/pydoc_corpus.jsonl") -> str:
     text = "\n\n".join(doc.text for doc in PydocCorpus(cache_path=cache_path).documents())
     _PYDOC_TEXTS.append(text)  # so that passing default_haystack() explicitly is still labelled pydoc
     return text
+
+
+def read_haystack(path: str) -> str:
+    """A needle haystack from a text file, or the ``text`` fields of a jsonl file, joined."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"haystack file {path} does not exist; give a .txt or .jsonl file, or omit "
+                                "--haystack for the offline pydoc text")
+    if p.suffix == ".jsonl":
+        return "\n\n".join(json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip())
+    return p.read_text()
+
 
 
 def make_synthetic(
