@@ -263,10 +263,15 @@ def encode_with_spans(tokenizer, text: str, chunks: list[Span], max_length: int,
     enc = tokenizer(prompt + text, truncation=True, max_length=max_length,
                     return_offsets_mapping=True, return_special_tokens_mask=True)
     p = len(prompt)
-    content = [not sp and start >= p and end > start
-               for sp, (start, end) in zip(enc["special_tokens_mask"], enc["offset_mapping"])]
+    content = text_token_mask(enc["special_tokens_mask"], enc["offset_mapping"], p)
     spans = char_spans_to_token_spans(enc["offset_mapping"], content, [(s + p, e + p) for s, e in chunks])
     return {"input_ids": enc["input_ids"], "content_mask": content, "spans": spans}
+
+
+def text_token_mask(special: list[int], offsets: list[tuple[int, int]], prompt_chars: int) -> list[bool]:
+    """True for tokens of the text itself: not special, not inside the prompt's first ``prompt_chars``
+    characters, not empty (pooling never sees CLS, SEP, prompt or padding)."""
+    return [not sp and start >= prompt_chars and end > start for sp, (start, end) in zip(special, offsets)]
 
 
 def collate(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dewey_lab.attention import banded, can_band, key_masks
+from dewey_lab.datamodule import text_token_mask
 from dewey_lab.pooling import masked_mean, span_mean
 
 POOLINGS = ("cls", "mean", "cls_mean")
@@ -112,7 +113,7 @@ class Embedder:
         items = []
         for i, text in enumerate(full):
             offsets, special = enc["offset_mapping"][i], enc["special_tokens_mask"][i]
-            content = [not sp and s >= p and e > s for sp, (s, e) in zip(special, offsets)]
+            content = text_token_mask(special, offsets, p)
             last_end = max((e for c, (_, e) in zip(content, offsets) if c), default=len(text))
             truncated = last_end < len(text.rstrip())  # the last kept text token ends before the text does
             items.append(Item(enc["input_ids"][i], content, self.windows(content), truncated))
