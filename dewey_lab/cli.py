@@ -101,12 +101,12 @@ def run_sweep(argv: list[str]) -> None:
     import shlex
     import subprocess
 
-    from dewey_lab.sweep import finished, sweep_block, variant_name, variants
+    from dewey_lab.sweep import config_files, finished, sweep_block, variant_name, variants
 
     force, show = "--force" in argv, "--print" in argv
     argv = [a for a in argv if a not in ("--force", "--print")]
     check_config_files(["fit", *argv])
-    files = [v for f, v in itertools.pairwise(argv) if f in ("-c", "--config")]
+    files = config_files(argv)
     block = sweep_block(files)
     study = Path(files[-1]).stem if files else "base"
     todo = list(enumerate(variants(block))) if block else [(None, {})]

@@ -71,33 +71,33 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results") -> Pat
 
 
 def _plots(data: dict, lengths: list[int], out: Path) -> None:
+    losses = {name: d["scalars"].get("train/loss", []) for name, d in data.items()}
+    _line_plot(out / "loss.png", {n: ([p[0] for p in v], [p[1] for p in v]) for n, v in losses.items() if v},
+               "step", "train/loss")
+    passkey = {name: synthetic_at_last_check(d["scalars"]).get("passkey", {}) for name, d in data.items()}
+    _line_plot(out / "passkey.png", {n: (lengths, [acc.get(x, float("nan")) for x in lengths])
+                                     for n, acc in passkey.items() if acc},
+               "length (tokens)", "passkey Acc@1", log2_x=True)
+
+
+def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+               log2_x: bool = False) -> None:
+    """One line per variant; markers when the x values are few (lengths)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, d in data.items():
-        points = d["scalars"].get("train/loss", [])
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train/loss")
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name, marker="o" if log2_x else None)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, d in data.items():
-        acc = synthetic_at_last_check(d["scalars"]).get("passkey", {})
-        if acc:
-            ax.plot(lengths, [acc.get(n, float("nan")) for n in lengths], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("passkey Acc@1")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "passkey.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
