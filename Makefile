@@ -5,6 +5,8 @@ SHELL := /bin/bash
 EXP ?= tiny
 # a study (theta_ablation, ...) runs on the tiny CPU scale unless SCALE= (empty) or SCALE=dewey
 SCALE ?= $(if $(filter tiny dewey,$(EXP)),,tiny)
+# VARIANT=k runs only variant k of a study's sweep (dewey-lab sweep --print lists them)
+VARIANT ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU-only machines get the CPU build of torch 2.13.0; machines with nvidia-smi get the newest CUDA
@@ -26,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hub,flash for more)
 
 train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (studies stack on SCALE=tiny)
-	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml
+	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml $(if $(VARIANT),--sweep_index $(VARIANT))
 
 compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/)
 	$(PY) -m dewey_lab.compare $(EXP)

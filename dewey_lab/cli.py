@@ -97,23 +97,29 @@ def merged_config(argv: list[str], parser_kwargs: dict) -> dict:
 
 
 def run_sweep(argv: list[str]) -> None:
-    """``dewey-lab sweep -c <study>.yaml [--force] [--print]``: each variant as its own ``fit`` process."""
+    """``dewey-lab sweep -c <study>.yaml [--force] [--print] [--sweep_index k]``: each variant as its own
+    ``fit`` process (or only variant k)."""
     import shlex
     import subprocess
 
-    from dewey_lab.sweep import config_files, finished, sweep_block, variant_name, variants
+    from dewey_lab.sweep import config_files, finished, pop_option, sweep_block, variants
 
     force, show = "--force" in argv, "--print" in argv
     argv = [a for a in argv if a not in ("--force", "--print")]
+    argv, only = pop_option(argv, "--sweep_index")
     check_config_files(["fit", *argv])
     files = config_files(argv)
     block = sweep_block(files)
     study = Path(files[-1]).stem if files else "base"
-    todo = list(enumerate(variants(block))) if block else [(None, {})]
+    todo = list(enumerate(variants(block))) if block else [(None, ("default", {}))]
+    if only is not None:
+        if not block or not 0 <= int(only) < len(todo):
+            raise ValueError(f"--sweep_index {only} is out of range: this study has {len(todo) if block else 0} "
+                             "variants (dewey-lab sweep --print lists them)")
+        todo = [todo[int(only)]]
     failed = []
-    for k, overrides in todo:
+    for k, (name, _) in todo:
         cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", *argv] + ([] if k is None else ["--sweep_index", str(k)])
-        name = variant_name(overrides)
         if show:
             print(shlex.join(["dewey-lab", *cmd[3:]]))
             continue
@@ -157,7 +163,7 @@ def one_line(err: BaseException) -> str:
         base_cls = getattr(importlib.import_module(module), name)
         valid = sorted(f"{c.__module__}.{c.__qualname__}" for c in _subclasses(base_cls))
         return f"{key.group(1)}: unknown class {cls.group(1)}; use one of {', '.join(valid)}"
-    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
+    lines = [re.sub(r"^- ", "", ln.strip()) for ln in text.splitlines() if ln.strip(" -")]  # drop list bullets
     line = " ".join(lines)[:400]
     if isinstance(err, ArgumentError):
         line += " (dewey-lab fit --help lists every key and its type)"

@@ -3,7 +3,16 @@
     sweep:
       model.student.global_rope_theta: [160000, 10000000, 73780400]
 
-Several keys sweep their product, in file order. Variant k becomes ordinary command-line overrides
+Several keys sweep their product, in file order. A key whose value is a map instead of a list is a
+*named axis*: each name stands for a set of overrides applied together (the product is taken over
+axes), for choices that move several keys at once:
+
+    sweep:
+      loss:
+        cosine_only: {model.cosine.init_args.weight: 10.0, model.similarity.init_args.weight: 0.0}
+        jasper:      {model.cosine.init_args.weight: 10.0, model.similarity.init_args.weight: 200.0}
+
+names the runs ``loss=cosine_only`` and ``loss=jasper``. Variant k becomes ordinary command-line overrides
 (``--model.student.global_rope_theta=160000``) plus a TensorBoard version named by what it changed
 (``runs/theta_ablation/global_rope_theta=160000/``), so every value is type-checked by the same
 parser as a hand-written run. ``dewey-lab fit -c <study>.yaml`` runs variant 0 (``--sweep_index k``
@@ -21,7 +30,7 @@ from pathlib import Path
 import yaml
 
 
-def sweep_block(files: list[str]) -> dict[str, list]:
+def sweep_block(files: list[str]) -> dict[str, list | dict]:
     """The ``sweep:`` block of the last experiment file that has one ({} when none)."""
     block: dict = {}
     for f in files:
@@ -29,20 +38,25 @@ def sweep_block(files: list[str]) -> dict[str, list]:
         if "sweep" in data:
             block = data["sweep"] or {}
     for key, values in block.items():
-        if not isinstance(values, list) or not values:
+        if isinstance(values, dict):
+            if not values or not all(isinstance(v, dict) and v for v in values.values()):
+                raise ValueError(f"sweep: {key} names its variants, each a map of overrides, "
+                                 f"e.g. {key}: {{small: {{model.lr: 0.001}}}}")
+        elif not isinstance(values, list) or not values:
             raise ValueError(f"sweep: {key} must list its values, e.g. {key}: [1, 2]")
     return block
 
 
-def variants(block: dict[str, list]) -> list[dict]:
-    """Every combination, as {dotted key: value}, in file order."""
-    keys = list(block)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(block[k] for k in keys))]
-
-
-def variant_name(overrides: dict) -> str:
-    """``global_rope_theta=160000,weight=0``: the last part of each key and its value."""
-    return ",".join(f"{k.rsplit('.', 1)[-1]}={_plain(v)}" for k, v in overrides.items()) or "default"
+def variants(block: dict[str, list | dict]) -> list[tuple[str, dict]]:
+    """Every combination as (run name, {dotted key: value}), in file order."""
+    axes = []
+    for key, values in block.items():
+        if isinstance(values, dict):  # named axis: name -> overrides applied together
+            axes.append([(f"{key}={name}", dict(overrides)) for name, overrides in values.items()])
+        else:
+            axes.append([(f"{key.rsplit('.', 1)[-1]}={_plain(v)}", {key: v}) for v in values])
+    return [(",".join(name for name, _ in combo) or "default", {k: v for _, o in combo for k, v in o.items()})
+            for combo in itertools.product(*axes)]
 
 
 def override_args(overrides: dict) -> list[str]:
@@ -50,21 +64,28 @@ def override_args(overrides: dict) -> list[str]:
             for k, v in overrides.items()]
 
 
-def check_keys(block: dict, config: dict) -> None:
-    """Every swept key must exist in the merged config; else one line naming the nearest valid key."""
-    known = list(_flatten(config))
-    for key in block:
-        if key not in known and not any(k.startswith(key + ".") for k in known):
-            near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            hint = f"; did you mean {near[0]}?" if near else "; dewey-lab fit --print_config lists the keys"
-            raise ValueError(f"sweep key {key} is not a config key{hint}")
+def check_keys(keys, config: dict) -> None:
+    """Every swept key must exist in the merged config; else one line naming the nearest valid key.
+
+    A key below a list (``trainer.callbacks.init_args.pooling``) is accepted: the parser applies it
+    to the list's last element and type-checks it there.
+    """
+    flat = dict(_flatten(config))
+    known = list(flat)
+    lists = [k for k, v in flat.items() if isinstance(v, list)]
+    for key in keys:
+        if key in flat or any(k.startswith(key + ".") for k in known) or any(key.startswith(k + ".") for k in lists):
+            continue
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]}?" if near else "; dewey-lab fit --print_config lists the keys"
+        raise ValueError(f"sweep key {key} is not a config key{hint}")
 
 
 def _flatten(node, prefix: str = ""):
     if isinstance(node, dict):
         for k, v in node.items():
             key = f"{prefix}.{k}" if prefix else str(k)
-            yield key
+            yield key, v
             yield from _flatten(v, key)
 
 
@@ -104,8 +125,9 @@ def apply_sweep(argv: list[str], merged_config) -> list[str]:
     k = int(index or 0)
     if not 0 <= k < len(vs):
         raise ValueError(f"--sweep_index {k} is out of range: this sweep has {len(vs)} variants (0..{len(vs) - 1})")
-    check_keys(block, merged_config(argv))
-    return [*argv, *override_args(vs[k]), f"--trainer.logger.init_args.version={variant_name(vs[k])}"]
+    check_keys({key for _, overrides in vs for key in overrides}, merged_config(argv))
+    name, overrides = vs[k]
+    return [*argv, *override_args(overrides), f"--trainer.logger.init_args.version={name}"]
 
 
 def finished(study: str, name: str, save_dir: str = "runs") -> bool:

@@ -68,7 +68,8 @@ def is_eval_study(path) -> bool:
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
 def test_every_experiment_parses(name, capsys):
     path = REPO / "experiments" / f"{name}.yaml"
-    command = ["eval", "--config"] if is_eval_study(path) else ["fit", "-c"]
+    command = (["eval", "--config"] if is_eval_study(path)
+               else ["fit", "-c", TINY, "-c"] if name.endswith("_ablation") else ["fit", "-c"])  # studies stack on tiny
     with pytest.raises(SystemExit) as exit_info:
         main([*command, str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
@@ -77,6 +78,37 @@ def test_every_experiment_parses(name, capsys):
         assert printed["model"]["student"]["global_rope_theta"] > 0
     else:
         assert printed["runs"] and printed["tasks"]
+
+
+def _training_variants():
+    from dewey_lab.sweep import sweep_block, variants
+
+    for path in sorted((REPO / "experiments").glob("*_ablation.yaml")):
+        if not is_eval_study(path):
+            for k, (name, _) in enumerate(variants(sweep_block([str(path)]))):
+                yield pytest.param(path, k, id=f"{path.stem}[{name}]")
+
+
+@pytest.mark.parametrize(("study", "index"), _training_variants())
+def test_every_study_variant_trains_a_step(study, index, tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
+    """Each variant of each training study, stacked on tiny.yaml, runs one step and saves what it changed."""
+    from dewey_lab.sweep import sweep_block, variants
+
+    monkeypatch.chdir(tmp_path)
+    quick_check = {"class_path": "dewey_lab.callbacks.PasskeyCallback",  # tiny.yaml's, at one short length
+                   "init_args": {"lengths": [64], "tasks": ["passkey"], "n_queries": 2, "n_docs": 4}}
+    small = _small(tmp_path, small_corpus_path, shared_cache_dir,
+                   **{"trainer.max_steps": 1, "trainer.callbacks": [quick_check]})
+    main(["fit", "-c", TINY, "-c", str(study), "-c", small, "--sweep_index", str(index)])
+    name, overrides = variants(sweep_block([str(study)]))[index]
+    run = tmp_path / "runs" / "small" / name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = saved
+        for part in dotted.split("."):
+            node = (node[-1] if isinstance(node, list) else node)[part]  # below a list: its last item
+        assert node == value or value.items() <= node.items(), dotted
+    assert json.loads((run / "run_info.json").read_text())["finished"]
 
 
 def _error_line(capsys, argv) -> str:
