@@ -65,6 +65,11 @@ def main(args: list[str] | None = None) -> None:
 
             eval_main(argv[1:])
             return
+        if argv[:1] == ["export"]:  # a checkpoint -> a sentence-transformers directory
+            from dewey_lab.export import main as export_main
+
+            export_main(argv[1:])
+            return
         if argv[:1] == ["sweep"]:  # every variant of a study, each its own run
             run_sweep(argv[1:])
             return

@@ -43,11 +43,14 @@ def synthetic_at_last_check(scalars: dict) -> dict[str, dict[int, float]]:
     return out
 
 
-def compare(study: str, runs_dir: str = "runs", out_dir: str = "results") -> Path:
+def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_file: str | None = None) -> Path:
+    """Rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run."""
     root = Path(runs_dir) / study
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not runs:
         raise FileNotFoundError(f"no runs under {root}; run make train EXP={study} first")
+    order = _variant_order(Path(study_file) if study_file else Path("experiments") / f"{study}.yaml")
+    runs.sort(key=lambda r: (order.index(r.name) if r.name in order else len(order), r.name))
     data = {r.name: read_run(r) for r in runs}
     lengths = sorted({n for d in data.values() for t in synthetic_at_last_check(d["scalars"]).values() for n in t})
     head = ["variant", *COLUMNS, *(f"{t}@{n}" for t in ("passkey", "needle") for n in lengths), "wall (s)",
@@ -68,6 +71,12 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results") -> Pat
     lines += ["", "Plots: `loss.png` (train/loss by step), `passkey.png` (Acc@1 against length, last check)."]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _variant_order(study_file: Path) -> list[str]:
+    from dewey_lab.sweep import sweep_block, variants
+
+    return [name for name, _ in variants(sweep_block([str(study_file)]))] if study_file.is_file() else []
 
 
 def _plots(data: dict, lengths: list[int], out: Path) -> None:

@@ -38,3 +38,26 @@ def small_corpus_path(tmp_path_factory):
 def shared_cache_dir(tmp_path_factory):
     """A teacher cache shared by the tests that only read what the teacher produced."""
     return tmp_path_factory.mktemp("teacher_cache")
+
+
+@pytest.fixture(scope="session")
+def student_ckpt(tmp_path_factory):
+    """A randomly initialised small student + linear head to 384-d, saved as a Lightning checkpoint
+    (what ``dewey-lab fit`` writes) under runs/<experiment>/<version>/checkpoints/."""
+    import lightning as L
+
+    from dewey_lab.module import DistillModule
+    from dewey_lab.student import StudentConfig
+
+    torch.manual_seed(0)
+    spec = StudentConfig(config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                                 "num_attention_heads": 2, "max_position_embeddings": 1024,
+                                 "local_attention": 32, "initializer_range": 0.3},  # context matters
+                         tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa")
+    module = DistillModule(student=spec, teacher_dim=384, projection="linear")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    path = tmp_path_factory.mktemp("runs") / "small" / "version_0" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    trainer.save_checkpoint(path)
+    return path

@@ -193,7 +193,7 @@ def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, shared_cache_
     monkeypatch.chdir(tmp_path)
     small = _small(tmp_path, small_corpus_path, shared_cache_dir, **{"trainer.max_steps": 1})
     study = tmp_path / "mini_study.yaml"
-    study.write_text("sweep:\n  model.student.global_rope_theta: [1000.0, 2000000.0]\n")
+    study.write_text("sweep:\n  model.student.global_rope_theta: [2000000.0, 1000.0]\n")
     main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])
     runs = sorted(p.name for p in (tmp_path / "runs" / "mini_study").iterdir())
     assert runs == ["global_rope_theta=1000.0", "global_rope_theta=2000000.0"]
@@ -207,7 +207,9 @@ def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, shared_cache_
 
     from dewey_lab.compare import compare
 
-    report = compare("mini_study", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"))
+    report = compare("mini_study", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"),
+                     study_file=str(study))
     rows = [line for line in report.read_text().splitlines() if line.startswith("| global_rope_theta=")]
     assert len(rows) == 2 and all(" True |" in r for r in rows)
+    assert rows[0].startswith("| global_rope_theta=2000000.0 |")  # the study file's order, not the name's
     assert (report.parent / "loss.png").stat().st_size > 0 and (report.parent / "passkey.png").exists()

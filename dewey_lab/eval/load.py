@@ -77,9 +77,10 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
     net = AutoModel.from_pretrained(path, config=config, local_files_only=local, revision=revision,
                                     attn_implementation=_attn_for(config)).to(dev)
     prompts = st.get("prompts", {})
+    head = st.get("head")
     e = Embedder(
-        net, tokenizer, pooling=pooling or st.get("pooling", "mean"),
-        mean_over="all" if st else "content", max_length=window_of(config, tokenizer),
+        net, tokenizer, head=head.to(dev) if head is not None else None, pooling=pooling or st.get("pooling", "mean"),
+        mean_over=st.get("mean_over", "content"), max_length=_st_max_length(path, local) or window_of(config, tokenizer),
         query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
         passage_prompt=(prompts.get("document", prompts.get("passage", "")) if passage_prompt is None
                         else passage_prompt),
@@ -139,24 +140,75 @@ def _sentence_transformers_config(path: str, local: bool, revision: str | None) 
     modules = read("modules.json")
     if not modules:
         return {}
-    out: dict = {"prompts": (read("config_sentence_transformers.json") or {}).get("prompts", {})}
+    out: dict = {"prompts": (read("config_sentence_transformers.json") or {}).get("prompts", {}),
+                 "mean_over": "all"}
     for mod in modules:
-        if mod.get("type", "").endswith("Pooling"):
+        kind = mod.get("type", "")
+        if kind.endswith("Pooling"):
             pool = read(f"{mod['path']}/config.json") or {}
-            out["pooling"] = "cls" if pool.get("pooling_mode_cls_token") else "mean"
+            modes = pool.get("pooling_mode")  # sentence-transformers >= 5; older files name each mode
+            modes = [modes] if isinstance(modes, str) else list(modes or [])
+            if not modes:
+                modes = [m for m in ("cls", "mean") if pool.get(f"pooling_mode_{m}_token" if m == "cls"
+                                                             else f"pooling_mode_{m}_tokens")]
+            out["pooling"] = "cls_mean" if modes == ["cls", "mean"] else "cls" if modes == ["cls"] else "mean"
+        elif kind.endswith("WordWeights"):  # dewey-lab export: special tokens weigh 0 -> text tokens only
+            out["mean_over"] = "content"
+        elif kind.endswith("Dense"):
+            out["dense"] = mod["path"]
+    if out.get("dense") and local:
+        out["head"] = _dense_head(Path(path) / out["dense"], halves=out.get("pooling") == "cls_mean")
     return out
 
 
-def _from_checkpoint(path: str, dev, dt, pooling, query_prompt, passage_prompt, **kwargs) -> Embedder:
+def _dense_head(folder: Path, halves: bool) -> torch.nn.Linear:
+    """A sentence-transformers Dense (identity activation, as dewey-lab export writes) as a Linear."""
+    cfg = json.loads((folder / "config.json").read_text())
+    act = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity"))
+    if not act.endswith("Identity"):
+        raise ValueError(f"{folder}: Dense with activation {act} is not supported; only identity (dewey-lab export)")
+    weights = folder / "model.safetensors"
+    if weights.exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    w, b = state["linear.weight"], state.get("linear.bias")
+    if halves:  # [cls, mean] -> 0.5 W (cls + mean): the Embedder pools cls_mean first, then W
+        w = 2 * w[:, : w.shape[1] // 2]
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        if b is not None:
+            head.bias.copy_(b)
+    return head
+
+
+def _st_max_length(path: str, local: bool) -> int | None:
+    """The max length ``dewey-lab export`` recorded (its dewey_lab.json); None for other models, which
+    are read to their position window as LongEmbed read them."""
+    f = Path(path) / "dewey_lab.json"
+    return json.loads(f.read_text())["max_length"] if local and f.exists() else None
+
+
+def load_checkpoint(path: str):
+    """The DistillModule of a ``dewey-lab fit`` checkpoint, on CPU, in eval mode."""
     from dewey_lab.module import DistillModule
+    from dewey_lab.student import StudentConfig
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; runs keep them under "
-                                "runs/<experiment>/version_N/checkpoints/")
-    module = DistillModule.load_from_checkpoint(path, map_location="cpu")
+                                "runs/<experiment>/<version>/checkpoints/")
+    with torch.serialization.safe_globals([StudentConfig]):  # our hparams dataclass; weights-only load
+        module = DistillModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     if module.projection is None:
         raise ValueError(f"{path} has no projection head (trained before teacher_dim was saved); retrain it")
-    module.to(dev)
+    return module.eval()
+
+
+def _from_checkpoint(path: str, dev, dt, pooling, query_prompt, passage_prompt, **kwargs) -> Embedder:
+    module = load_checkpoint(path).to(dev)
     tokenizer = load_tokenizer(module.spec.tokenizer_name)
     return Embedder(module.student, tokenizer, head=module.projection, pooling=pooling or "mean",
                     max_length=module.student.config.max_position_embeddings, query_prompt=query_prompt or "", passage_prompt=passage_prompt or "",

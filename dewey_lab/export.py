@@ -1,0 +1,175 @@
+"""``dewey-lab export``: a training checkpoint -> a sentence-transformers directory, no custom code.
+
+    dewey-lab export --ckpt runs/tiny/version_0/checkpoints/last.ckpt --out models/tiny-student
+
+The directory holds only stock sentence-transformers modules, so ``SentenceTransformer(out)`` loads
+it without ``trust_remote_code`` (Dewey's own release needed remote code):
+
+    Transformer (ModernBertModel + the tokenizer)  ->  [WordWeights]  ->  Pooling  ->  [Dense]  ->  Normalize
+
+* ``cls``: Pooling(cls). Exact.
+* ``mean``: dewey_lab pools text tokens only (no CLS, SEP, prompt; the Dewey report). Stock Pooling
+  would also average CLS and SEP, so a WordWeights module gives the special tokens weight 0 and
+  Pooling(mean) then divides by the weight sum: exact. With a prompt, the prompt's tokens are
+  ordinary words and are pooled too (no stock module can drop them and fix the count): the export
+  warns, and vectors differ from ``dewey_lab.encode``'s.
+* ``cls_mean``: Pooling(cls, mean) concatenated, then a Dense whose weight is ``0.5 [W, W]``, so the
+  head sees ``0.5 (cls + mean)``. Stock mean includes CLS and SEP here (WordWeights would zero the
+  CLS state too): close, not exact; the export warns.
+* Dense: the student's projection to the teacher's space (absent when it was the identity);
+  Normalize: unit vectors, as dewey_lab scores them.
+
+Prompts (query / document), the pooling choice and the max length go into the saved config; a
+model card (README.md) carries the training config and, with ``--eval_results``, an eval table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+EXACT = {"cls": True, "mean": True, "cls_mean": False}
+
+
+def export(ckpt: str, out: str, *, pooling: str = "cls", query_prompt: str = "", passage_prompt: str = "",
+           max_length: int | None = None, eval_results: str | None = None, push_to_hub: str | None = None):
+    """Write ``out`` and return the reloaded ``SentenceTransformer`` (what a user gets)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer, WordWeights
+
+    from dewey_lab.eval.load import load_checkpoint
+    from dewey_lab.student import load_tokenizer
+
+    if pooling not in EXACT:
+        raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(EXACT)}")
+    module = load_checkpoint(ckpt)
+    tokenizer = load_tokenizer(module.spec.tokenizer_name)
+    student = module.student
+    max_length = max_length or student.config.max_position_embeddings
+    if (query_prompt or passage_prompt) and pooling == "mean":
+        log.warning("export: sentence-transformers pools the prompt's tokens too with mean pooling; its "
+                    "vectors will differ from dewey_lab.encode's (use --pooling cls for an exact export)")
+    if pooling == "cls_mean":
+        log.warning("export: cls_mean's mean includes CLS and SEP in sentence-transformers; vectors are "
+                    "close to, not equal to, dewey_lab.encode's (cls and mean export exactly)")
+
+    out_dir = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:  # the HF model dir the Transformer module loads from
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        modules = [Transformer(tmp, max_seq_length=max_length)]
+    hidden = student.config.hidden_size
+    if pooling == "mean":
+        # the tokens the tokenizer adds around a text (not UNK or MASK, which stand inside it)
+        special = {tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.cls_token, tokenizer.sep_token,
+                                                                 tokenizer.pad_token, tokenizer.bos_token,
+                                                                 tokenizer.eos_token) if t is not None}
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        modules.append(WordWeights(vocab, {tok: 0.0 for i, tok in enumerate(vocab) if i in special}, 1.0))
+    modes = {"cls": "cls", "mean": "mean", "cls_mean": ("cls", "mean")}[pooling]
+    modules.append(Pooling(hidden, pooling_mode=modes, include_prompt=True))
+    head = _dense(module.projection, hidden, halves=pooling == "cls_mean")
+    if head is not None:
+        modules.append(head)
+    modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, device="cpu",
+                                prompts={"query": query_prompt, "document": passage_prompt})
+    model.save(str(out_dir))
+    _write_dewey_config(out_dir, ckpt, pooling, query_prompt, passage_prompt, max_length)
+    (out_dir / "README.md").write_text(model_card(ckpt, out_dir.name, pooling, query_prompt, passage_prompt,
+                                                  max_length, eval_results))
+    if push_to_hub:  # not exercised offline
+        model.push_to_hub(push_to_hub)
+    return SentenceTransformer(str(out_dir), device="cpu")
+
+
+def _dense(projection, hidden: int, halves: bool):
+    """The projection as a stock Dense module (identity activation); None when there is none."""
+    from sentence_transformers.models import Dense
+
+    if not isinstance(projection, torch.nn.Linear):
+        if not halves:
+            return None
+        eye = torch.eye(hidden)  # cls_mean without a projection still needs 0.5 (cls + mean)
+        return Dense(2 * hidden, hidden, activation_function=torch.nn.Identity(),
+                     init_weight=0.5 * torch.cat([eye, eye], 1), init_bias=torch.zeros(hidden))
+    w, b = projection.weight.detach().float(), projection.bias.detach().float()
+    if halves:  # W (cls + mean) / 2 + b over the concatenation [cls, mean]
+        w = 0.5 * torch.cat([w, w], 1)
+    return Dense(w.shape[1], w.shape[0], activation_function=torch.nn.Identity(), init_weight=w.clone(),
+                 init_bias=b.clone())
+
+
+def _write_dewey_config(out: Path, ckpt, pooling, query_prompt, passage_prompt, max_length) -> None:
+    """What dewey_lab needs to reproduce the vectors (and what produced them), next to ST's configs."""
+    record = {"pooling": pooling, "exact_in_sentence_transformers": EXACT[pooling] and not
+              (pooling == "mean" and (query_prompt or passage_prompt)),
+              "query_prompt": query_prompt, "passage_prompt": passage_prompt, "max_length": max_length,
+              "checkpoint": str(ckpt)}
+    (out / "dewey_lab.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def model_card(ckpt: str, name: str, pooling: str, query_prompt: str, passage_prompt: str, max_length: int,
+               eval_results: str | None) -> str:
+    run_dir = Path(ckpt).resolve().parent.parent  # runs/<experiment>/<version>/checkpoints/x.ckpt
+    config = run_dir / "config.yaml"
+    cfg_text = yaml.safe_dump(yaml.safe_load(config.read_text()), sort_keys=False) if config.exists() else "(none)"
+    lines = [
+        "---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+        "tags: [sentence-transformers, feature-extraction, long-context, dewey_lab]", "---", "",
+        f"# {name}", "",
+        ("A ModernBERT student trained with dewey_lab's chunk-alignment distillation (the Dewey recipe): its "
+        "whole-text embedding learns a teacher's embedding of the text, its chunk means the teacher's "
+        "embedding of each chunk."), "",
+        "```python", "from sentence_transformers import SentenceTransformer", "",
+        f'model = SentenceTransformer("{name}")  # stock modules only, no trust_remote_code',
+        'q = model.encode(["a question"], prompt_name="query")',
+        'd = model.encode(["a long document ..."], prompt_name="document")', "```", "",
+        f"- pooling: `{pooling}`; max length: {max_length} tokens; vectors are L2-normalised",
+        f"- query prompt: `{query_prompt!r}`; document prompt: `{passage_prompt!r}`",
+        ("- chunk (multi-vector) embeddings of one long text in one pass: "
+        "`dewey_lab.encode.load(<dir>).encode_chunks(text)`"),
+        f"- checkpoint: `{ckpt}`", "",
+    ]
+    if eval_results:
+        lines += ["## Evaluation", "", Path(eval_results).read_text().strip(), ""]
+    lines += ["## Training config", "", "```yaml", cfg_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dewey-lab export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="a DistillModule checkpoint from dewey-lab fit")
+    p.add_argument("--out", required=True, help="directory to write (SentenceTransformer(out) loads it)")
+    p.add_argument("--pooling", default="cls", choices=list(EXACT),
+                   help="whole-text embedding: cls (Dewey), mean (Dewey's long-text choice) or cls_mean")
+    p.add_argument("--query-prompt", "--query_prompt", default="", dest="query_prompt")
+    p.add_argument("--passage-prompt", "--passage_prompt", default="", dest="passage_prompt")
+    p.add_argument("--max-length", "--max_length", type=int, default=None, dest="max_length",
+                   help="tokens per text (default: the student's position window)")
+    p.add_argument("--eval-results", "--eval_results", default=None, dest="eval_results",
+                   help="a results .md from dewey-lab eval, copied into the model card")
+    p.add_argument("--push-to-hub", "--push_to_hub", default=None, dest="push_to_hub",
+                   help="also upload to this hub repo (needs network and a token)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        export(a.ckpt, a.out, pooling=a.pooling, query_prompt=a.query_prompt, passage_prompt=a.passage_prompt,
+               max_length=a.max_length, eval_results=a.eval_results, push_to_hub=a.push_to_hub)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
