@@ -39,8 +39,9 @@ eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EX
 test: setup ## run the test suite (CPU, offline; what CI runs)
 	$(PY) -m pytest
 
-bench: setup ## benchmarks: memory and time of one long passage (blocked vs dense attention)
+bench: setup ## benchmarks: one long passage (blocked vs dense attention); encode_chunks to 128k (macro-windows)
 	$(PY) benchmarks/long_passage_memory.py
+	$(PY) benchmarks/encode_chunks_memory.py
 
 tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)
 	$(VENV)/bin/tensorboard --logdir runs

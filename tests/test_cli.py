@@ -189,9 +189,9 @@ def _scalars(event_file, tag):
     return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
 
 
-def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch, capsys):
+def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    small = _small(tmp_path, small_corpus_path, shared_cache_dir, **{"trainer.max_steps": 1})
+    small = _small(tmp_path, small_corpus_path, tmp_path / "fresh_cache", **{"trainer.max_steps": 1})
     study = tmp_path / "mini_study.yaml"
     study.write_text("sweep:\n  model.student.global_rope_theta: [2000000.0, 1000.0]\n")
     main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])
@@ -201,6 +201,9 @@ def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, shared_cache_
         saved = yaml.safe_load((tmp_path / "runs" / "mini_study" / name / "config.yaml").read_text())
         assert saved["model"]["student"]["global_rope_theta"] == theta
         assert json.loads((tmp_path / "runs" / "mini_study" / name / "run_info.json").read_text())["finished"]
+    rates = [json.loads((tmp_path / "runs" / "mini_study" / f"global_rope_theta={t}" / "run_info.json").read_text())
+             ["data"]["teacher_cache_hit_rate"] for t in (2000000.0, 1000.0)]
+    assert rates == [0.0, 1.0]  # the first variant fills the cache, the next only reads it
     capsys.readouterr()
     main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])  # both finished: nothing runs again
     assert capsys.readouterr().err.count("skipped") == 2
