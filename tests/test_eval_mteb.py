@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("mteb")
 
 from dewey_lab.eval.data import load_longembed
 from dewey_lab.eval.metrics import METRICS, retrieval_metrics
