@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
+
+from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
 
 
 def measure(length: int, how: str) -> dict:
@@ -98,12 +98,10 @@ def main() -> None:
         for how in ("macro", "whole"):
             if how == "whole" and n > a.whole_up_to:
                 continue
-            out = subprocess.run([sys.executable, __file__, "--one", str(n), how], check=False, capture_output=True,
-                                 text=True)
-            if out.returncode:
-                print(f"| {n} | {how} | failed: {out.stderr.strip().splitlines()[-1]} | | | | |")
+            r = run_case(__file__, n, how)
+            if isinstance(r, str):
+                print(f"| {n} | {how} | failed: {r} | | | | |")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {r['length']} | {how} | {r['chunks']} | {r['passes']} | {r['seconds']} | {r['peak_mib']} | "
                   f"{r['before_mib']} |", flush=True)
 

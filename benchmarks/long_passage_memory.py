@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
+
+from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
 
 
 def measure(length: int, path: str) -> dict:
@@ -59,12 +59,10 @@ def main() -> None:
         for path in ("banded", "dense"):
             if path == "dense" and n > a.dense_up_to:
                 continue
-            out = subprocess.run([sys.executable, __file__, "--one", str(n), path], check=False, capture_output=True,
-                                 text=True)
-            if out.returncode:
-                print(f"| {n} | {path} | failed: {out.stderr.strip().splitlines()[-1]} | |")
+            r = run_case(__file__, n, path)
+            if isinstance(r, str):
+                print(f"| {n} | {path} | failed: {r} | |")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {n} | {path} | {r['seconds']} | {r['peak_mib']} |", flush=True)
 
 
