@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from dewey_lab.eval.data import load_longembed
 from dewey_lab.eval.metrics import METRICS, retrieval_metrics
 from dewey_lab.eval.mteb_wrapper import MTEBEncoder, MTEBMultiVectorSearch, evaluate_mteb, mteb_task
