@@ -108,10 +108,10 @@ class Encoder:
         char_spans = [tuple(spans[k]) for k in keep]
         token_spans = [mapped[k] for k in keep]
         head, tail = ids[:first], ids[end:]
-        starts, room = self._layout(end - first, len(head) + len(tail), token_spans, first)
+        starts, room = self._layout(end - first, len(head) + len(tail), token_spans)
         owner = [_best_window(a - first, b - first, starts, room) for a, b in token_spans]
         vectors = torch.zeros(len(token_spans), self.dim)
-        todo = [w for w in range(len(starts)) if w in set(owner)]
+        todo = sorted(set(owner))  # windows that hold at least one chunk
         for batch in _budget(todo, len(head) + room + len(tail), e.token_budget):
             rows = [head + ids[first + starts[w]:first + min(starts[w] + room, end - first)] + tail for w in batch]
             T = max(map(len, rows))
@@ -128,7 +128,7 @@ class Encoder:
             vectors[[k for k, _ in mine]] = e._finish(span_mean(hidden, row, lo, hi)).cpu()
         return Chunks(vectors, char_spans, token_spans, len(todo))
 
-    def _layout(self, n: int, specials: int, token_spans: list[Span], first: int) -> tuple[list[int], int]:
+    def _layout(self, n: int, specials: int, token_spans: list[Span]) -> tuple[list[int], int]:
         """Macro-window starts (in text tokens) and the text tokens each window holds."""
         room = self.window - specials
         if n <= room:

@@ -80,7 +80,7 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
     head = st.get("head")
     e = Embedder(
         net, tokenizer, head=head.to(dev) if head is not None else None, pooling=pooling or st.get("pooling", "mean"),
-        mean_over=st.get("mean_over", "content"), max_length=_st_max_length(path, local) or window_of(config, tokenizer),
+        mean_over=st.get("mean_over", "content"), max_length=st.get("max_length") or window_of(config, tokenizer),
         query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
         passage_prompt=(prompts.get("document", prompts.get("passage", "")) if passage_prompt is None
                         else passage_prompt),
@@ -156,6 +156,9 @@ def _sentence_transformers_config(path: str, local: bool, revision: str | None) 
             out["mean_over"] = "content"
         elif kind.endswith("Dense"):
             out["dense"] = mod["path"]
+    exported = read("dewey_lab.json")  # dewey-lab export records the max length it was built for
+    if exported:
+        out["max_length"] = exported["max_length"]
     if out.get("dense") and local:
         out["head"] = _dense_head(Path(path) / out["dense"], halves=out.get("pooling") == "cls_mean")
     return out
@@ -183,13 +186,6 @@ def _dense_head(folder: Path, halves: bool) -> torch.nn.Linear:
         if b is not None:
             head.bias.copy_(b)
     return head
-
-
-def _st_max_length(path: str, local: bool) -> int | None:
-    """The max length ``dewey-lab export`` recorded (its dewey_lab.json); None for other models, which
-    are read to their position window as LongEmbed read them."""
-    f = Path(path) / "dewey_lab.json"
-    return json.loads(f.read_text())["max_length"] if local and f.exists() else None
 
 
 def load_checkpoint(path: str):
