@@ -11,6 +11,10 @@ passage through the tiny student peaked at 16.8 GiB on CPU. Here instead:
 
 Outputs equal the dense path's (tested); it is registered as the attention implementation
 ``sdpa_banded`` and switched on only around a forward pass (``banded(model)``).
+
+``forward_rows(model, batch)`` runs a collated batch, packed or not: a packed batch gets
+per-document positions and either ``cu_seqlens`` (flash-attn varlen: no mask, no padding cost)
+or a block-diagonal mask (SDPA, eager) so that no token sees another document.
 """
 
 from __future__ import annotations
@@ -79,3 +83,39 @@ def banded(model):
         yield
     finally:
         config._attn_implementation = before
+
+
+VARLEN = {"flash_attention_2", "flash_attention_3"}
+"""Attention implementations that read ``cu_seq_lens_q``/``_k`` (varlen kernels) for packed rows."""
+
+
+def forward_rows(model, batch: dict[str, Tensor]) -> Tensor:
+    """Last hidden state (R, T, H) of a collated batch (``datamodule.collate``), packed or not."""
+    ids = batch["input_ids"]
+    if "position_ids" not in batch:  # one text per row
+        return model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
+    impl = model.config._attn_implementation
+    if impl in VARLEN:  # all rows as one sequence; the kernel keeps each segment to itself
+        R, T = ids.shape
+        cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+        out = model(input_ids=ids.reshape(1, R * T), position_ids=batch["position_ids"].reshape(1, R * T),
+                    cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return out.last_hidden_state.reshape(R, T, -1)
+    if impl not in ("sdpa", "eager", BANDED):
+        raise ValueError(f"data.pack needs attention sdpa, eager or flash_attention_2, not {impl}; "
+                         "set model.student.attn_implementation: auto, or data.pack: false")
+    masks = document_masks(batch["token_doc"], model.config.sliding_window)
+    if impl == "eager":  # eager adds its mask to the scores
+        low = torch.finfo(model.dtype).min
+        masks = {k: torch.zeros(m.shape, dtype=model.dtype, device=m.device).masked_fill(~m, low)
+                 for k, m in masks.items()}
+    return model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=masks).last_hidden_state
+
+
+def document_masks(token_doc: Tensor, half_window: int) -> dict[str, Tensor]:
+    """Boolean (R, 1, T, T) masks, True where query i may see key j: same document (padding is its
+    own group, so no query row is empty), and for sliding layers also ``|i - j| <= half_window``."""
+    same = token_doc[:, None, :, None] == token_doc[:, None, None, :]
+    pos = torch.arange(token_doc.shape[1], device=token_doc.device)
+    band = (pos[:, None] - pos[None, :]).abs() <= half_window
+    return {"full_attention": same, "sliding_attention": same & band}

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dewey_lab.chunking import Chunker, Span, char_spans_to_token_spans
 from dewey_lab.corpus import CorpusSource, MixtureCorpus, PydocCorpus
+from dewey_lab.packing import TokenBudgetBatchSampler, first_fit_decreasing
 from dewey_lab.resolve import OFFLINE_TEACHER
 from dewey_lab.student import load_tokenizer
 from dewey_lab.teacher import SentenceTransformerTeacher, Teacher
@@ -46,6 +47,7 @@ class Example:
     doc_id: str
     text: str  # the window: what the student reads and the teacher embeds as "whole text"
     chunks: list[Span]  # character spans into ``text``
+    n_tokens: int = 0  # student tokens of the window, special and prompt tokens included
 
 
 @dataclass
@@ -75,6 +77,9 @@ class DistillDataModule(L.LightningDataModule):
         val_fraction: float = 0.02,
         max_val_examples: int = 1024,
         batch_size: int = 64,
+        batch_tokens: int | None = None,
+        pack: bool = False,
+        pack_length: int | None = None,
         num_workers: int = 0,
         cache_dir: str = "data/teacher_cache",
         cache_dtype: Literal["float32", "float16"] = "float32",
@@ -95,6 +100,12 @@ class DistillDataModule(L.LightningDataModule):
             val_fraction: share of documents held out for validation (by hash of document id).
             max_val_examples: cap on validation windows.
             batch_size: texts per training batch (paper: 64).
+            batch_tokens: cut batches to this many tokens instead of ``batch_size`` texts (padded
+                tokens when unpacked: texts are then sorted by length within pools; real tokens when
+                packed). None: fixed ``batch_size``.
+            pack: lay several texts into each row (no padding between them) with attention kept
+                inside each text; same embeddings as unpacked, fewer wasted tokens.
+            pack_length: tokens per packed row; default ``max_length``.
             num_workers: DataLoader workers.
             cache_dir: teacher embedding cache (content-addressed; shared by every run).
             cache_dtype: storage precision of cached vectors.
@@ -114,6 +125,14 @@ class DistillDataModule(L.LightningDataModule):
         self.prompt = prompt or ""
         self.val_fraction, self.max_val_examples = val_fraction, max_val_examples
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        if pack_length is not None and pack_length < max_length:
+            raise ValueError(f"data.pack_length {pack_length} is shorter than data.max_length {max_length}; "
+                             "a window must fit a row: raise data.pack_length or leave it unset")
+        if batch_tokens is not None and batch_tokens < (pack_length or max_length):
+            raise ValueError(f"data.batch_tokens {batch_tokens} is less than one window "
+                             f"({pack_length or max_length} tokens); raise it or set it to null")
+        self.batch_tokens, self.pack = batch_tokens, pack
+        self.pack_length = (pack_length or max_length) if pack else None
         self.cache = TeacherCache(cache_dir, cache_dtype)
         self.fill_block = fill_block
         self.fill_stats: FillStats | None = None
@@ -162,7 +181,8 @@ class DistillDataModule(L.LightningDataModule):
                     if a > 0 and b - a < self.min_window_tokens:
                         continue
                     text = doc.text[offsets[a][0]:offsets[b - 1][1]]
-                    out[split].append(Example(doc.doc_id, text, self.chunker(text)))
+                    n = b - a + n_special + n_prompt
+                    out[split].append(Example(doc.doc_id, text, self.chunker(text), n))
         out["val"] = out["val"][: self.max_val_examples]
         if not out["train"]:
             raise ValueError("the corpus gave no training text; check data.corpus (path, field names, limit)")
@@ -220,17 +240,26 @@ class DistillDataModule(L.LightningDataModule):
 
     @property
     def _collate(self):
-        return partial(collate, pad_id=self.tokenizer.pad_token_id or 0)
+        return partial(collate, pad_id=self.tokenizer.pad_token_id or 0, pack_length=self.pack_length)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.datasets[split]
+        common = {"collate_fn": self._collate, "num_workers": self.num_workers,
+                  "persistent_workers": shuffle and self.num_workers > 0}
+        if self.batch_tokens is not None:
+            lengths = [e.n_tokens for e in data.examples]
+            sampler = TokenBudgetBatchSampler(lengths, self.batch_tokens, packed=self.pack, seed=self.seed,
+                                              shuffle=shuffle)
+            return DataLoader(data, batch_sampler=sampler, **common)
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=g if shuffle else None,
+                          drop_last=shuffle, **common)
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=g,
-                          collate_fn=self._collate, num_workers=self.num_workers, drop_last=True,
-                          persistent_workers=self.num_workers > 0)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size, shuffle=False, collate_fn=self._collate,
-                          num_workers=self.num_workers)
+        return self._loader("val", shuffle=False)
 
 
 class DistillDataset(Dataset):
@@ -274,31 +303,59 @@ def text_token_mask(special: list[int], offsets: list[tuple[int, int]], prompt_c
     return [not sp and start >= prompt_chars and end > start for sp, (start, end) in zip(special, offsets)]
 
 
-def collate(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad to the longest row; flatten chunk spans of the whole batch into (N,) index tensors."""
-    T = max(len(it["input_ids"]) for it in items)
+def collate(items: list[dict], pad_id: int = 0, pack_length: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch: token ids laid out in rows, where each text and chunk is, and the teacher's vectors.
+
+    Unpacked (``pack_length`` None): one text per row, padded to the longest. Packed: texts are
+    placed first-fit-decreasing into rows of at most ``pack_length`` tokens, with ``position_ids``
+    restarting at each text and ``cu_seqlens`` marking every text (and each row's padding) for
+    varlen attention. Either way, text b's CLS token is ``(doc_row[b], doc_start[b])``,
+    ``token_doc`` (R, T) says which text owns each token (-1: padding), and chunk i is tokens
+    ``[chunk_start[i], chunk_end[i])`` of row ``chunk_row[i]``, in the items' order.
+    """
     B = len(items)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention = torch.zeros(B, T, dtype=torch.long)
-    content = torch.zeros(B, T, dtype=torch.bool)
-    rows, starts, ends = [], [], []
+    lengths = [len(it["input_ids"]) for it in items]
+    rows = [[b] for b in range(B)] if pack_length is None else first_fit_decreasing(lengths, pack_length)
+    R, T = len(rows), max(sum(lengths[b] for b in row) for row in rows)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(R, T, dtype=torch.long)
+    token_doc = torch.full((R, T), -1, dtype=torch.long)
+    content = torch.zeros(R, T, dtype=torch.bool)
+    doc_row, doc_start, segments = [0] * B, [0] * B, []
+    for r, row in enumerate(rows):
+        at = 0
+        for b in row:
+            n = lengths[b]
+            input_ids[r, at:at + n] = torch.tensor(items[b]["input_ids"])
+            position_ids[r, at:at + n] = torch.arange(n)
+            token_doc[r, at:at + n] = b
+            content[r, at:at + n] = torch.tensor(items[b]["content_mask"])
+            doc_row[b], doc_start[b] = r, at
+            segments.append(n)
+            at += n
+        if at < T:  # the row's padding: a segment of its own that attends only to itself
+            position_ids[r, at:] = torch.arange(T - at)
+            segments.append(T - at)
+    rows_, starts, ends = [], [], []
     for b, it in enumerate(items):
-        n = len(it["input_ids"])
-        input_ids[b, :n] = torch.tensor(it["input_ids"])
-        attention[b, :n] = 1
-        content[b, :n] = torch.tensor(it["content_mask"])
         for s, e in it["spans"]:
-            rows.append(b)
-            starts.append(s)
-            ends.append(e)
+            rows_.append(doc_row[b])
+            starts.append(doc_start[b] + s)
+            ends.append(doc_start[b] + e)
     t_chunk = [it["t_chunk"] for it in items if len(it["t_chunk"])]
-    return {
-        "input_ids": input_ids, "attention_mask": attention, "content_mask": content,
-        "chunk_row": torch.tensor(rows, dtype=torch.long), "chunk_start": torch.tensor(starts, dtype=torch.long),
+    batch = {
+        "input_ids": input_ids, "attention_mask": (token_doc >= 0).long(), "content_mask": content,
+        "token_doc": token_doc, "doc_row": torch.tensor(doc_row), "doc_start": torch.tensor(doc_start),
+        "chunk_row": torch.tensor(rows_, dtype=torch.long), "chunk_start": torch.tensor(starts, dtype=torch.long),
         "chunk_end": torch.tensor(ends, dtype=torch.long),
         "t_whole": torch.from_numpy(np.stack([it["t_whole"] for it in items])),
         "t_chunk": torch.from_numpy(np.concatenate(t_chunk)) if t_chunk else torch.zeros(0, len(items[0]["t_whole"])),
     }
+    if pack_length is not None:
+        batch["position_ids"] = position_ids
+        batch["cu_seqlens"] = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        batch["max_seqlen"] = max(segments)
+    return batch
 
 
 def example_keys(fingerprint: str, ex: Example) -> tuple[bytes, list[bytes]]:

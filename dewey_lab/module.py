@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import get_linear_schedule_with_warmup
 
+from dewey_lab.attention import forward_rows
 from dewey_lab.losses import CosineLoss, LossTerm, SimilarityLoss
 from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
 from dewey_lab.student import StudentConfig, build_student
@@ -43,6 +44,7 @@ class DistillModule(L.LightningModule):
         lr: float = 1e-4,
         warmup_steps: int = 2000,
         weight_decay: float = 0.0,
+        compile: bool | str = False,
     ) -> None:
         """
         Args:
@@ -57,6 +59,8 @@ class DistillModule(L.LightningModule):
             lr: peak learning rate of StableAdamW (paper: 1e-4).
             warmup_steps: linear warmup steps, then linear decay to 0 (paper: 2000).
             weight_decay: StableAdamW weight decay (paper: 0).
+            compile: ``torch.compile`` the student (dynamic shapes): ``true`` for inductor, or a
+                backend name. Off by default: it pays back on GPU runs of hours, not on a CPU smoke run.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["whole_pooling", "chunk_pooling", "cosine", "similarity"])
@@ -76,6 +80,13 @@ class DistillModule(L.LightningModule):
             self._build_projection(teacher_dim)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
         self.teacher_means: dict[str, Tensor] = {}
+        self.compile_backend = "inductor" if compile is True else compile or None
+
+    def configure_model(self) -> None:
+        if self.compile_backend and not getattr(self, "_compiled", False):
+            # in place: parameter names (and so checkpoints) stay those of the uncompiled student
+            self.student.compile(backend=self.compile_backend, dynamic=True)
+            self._compiled = True
 
     # -- wiring to the data ----------------------------------------------------------------------
     def _build_projection(self, teacher_dim: int) -> None:
@@ -107,7 +118,7 @@ class DistillModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        hidden = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = forward_rows(self.student, batch)  # (R, T, H): one text per row, or packed
         whole = self.projection(self.whole_pooling(hidden, batch))  # (B, D)
         chunk = self.projection(self.chunk_pooling(hidden, batch))  # (N, D)
         return {"whole": whole, "chunk": chunk}
@@ -126,16 +137,18 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         total, parts = self.compute_losses(batch, self(batch))
-        B = batch["input_ids"].shape[0]
+        B = batch["doc_row"].numel()  # texts, whatever the number of rows
         self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=B)
         self.log("train/loss", total, prog_bar=True, batch_size=B)
         self.log("train/chunks_per_batch", float(batch["chunk_row"].numel()), batch_size=B)
+        mask = batch["attention_mask"]  # padding share of the tokens computed: what packing removes
+        self.log("train/padding", 1.0 - float(mask.sum()) / mask.numel(), batch_size=B)
         return total
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         emb = self(batch)
         total, _ = self.compute_losses(batch, emb)
-        self.log("val/loss", total, batch_size=batch["input_ids"].shape[0], prog_bar=True)
+        self.log("val/loss", total, batch_size=batch["doc_row"].numel(), prog_bar=True)
         for kind in ("whole", "chunk"):
             teacher = batch[f"t_{kind}"]
             if len(teacher) == 0:

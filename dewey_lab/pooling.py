@@ -1,11 +1,14 @@
 """Pooling heads: token states -> embeddings, as typed swappable classes.
 
-Every head takes the encoder's last hidden state ``(B, T, H)`` and the collated batch:
+Every head takes the encoder's last hidden state ``(R, T, H)`` and the collated batch
+(``datamodule.collate``), whose B texts lie in R rows, one per row or packed several per row:
 
-* ``content_mask`` (B, T): True on text tokens; False on CLS, SEP, prompt and padding tokens,
+* ``doc_row``, ``doc_start`` (B,): text b's first (CLS) token is ``hidden[doc_row[b], doc_start[b]]``;
+* ``token_doc`` (R, T): which text owns each token, -1 on padding;
+* ``content_mask`` (R, T): True on text tokens; False on CLS, SEP, prompt and padding tokens,
   which the Dewey report excludes from mean and chunk pooling;
 * ``chunk_row``, ``chunk_start``, ``chunk_end`` (N,): chunk i is tokens
-  ``[chunk_start[i], chunk_end[i])`` of batch row ``chunk_row[i]``.
+  ``[chunk_start[i], chunk_end[i])`` of row ``chunk_row[i]``.
 
 Whole-text heads return (B, H); ``ChunkMeanPooling`` returns (N, H).
 """
@@ -27,21 +30,21 @@ class CLSPooling(PoolingHead):
     """The first token's state (Dewey's whole-text CLS embedding)."""
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        return hidden[:, 0]  # (B, H)
+        return first_tokens(hidden, batch)  # (B, H)
 
 
 class MeanPooling(PoolingHead):
     """Mean over content tokens: the whole text as one chunk (Dewey's ``mean``, used for long text)."""
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        return masked_mean(hidden, batch["content_mask"])  # (B, H)
+        return text_mean(hidden, batch)  # (B, H)
 
 
 class CLSMeanPooling(PoolingHead):
     """Average of CLS and mean pooling (Dewey's ``cls_add_mean``, suggested for short text)."""
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        return 0.5 * (hidden[:, 0] + masked_mean(hidden, batch["content_mask"]))  # (B, H)
+        return 0.5 * (first_tokens(hidden, batch) + text_mean(hidden, batch))  # (B, H)
 
 
 class ChunkMeanPooling(PoolingHead):
@@ -49,6 +52,21 @@ class ChunkMeanPooling(PoolingHead):
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
         return span_mean(hidden, batch["chunk_row"], batch["chunk_start"], batch["chunk_end"])
+
+
+def first_tokens(hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Each text's first token state (B, H), wherever its row and offset."""
+    return hidden[batch["doc_row"], batch["doc_start"]]
+
+
+def text_mean(hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Each text's mean over its content tokens (B, H), fp32 accumulation; packed rows included."""
+    B, H = batch["doc_row"].numel(), hidden.shape[-1]
+    keep = batch["content_mask"] & (batch["token_doc"] >= 0)  # (R, T)
+    doc = batch["token_doc"][keep]  # (L,)
+    sums = torch.zeros(B, H, device=hidden.device, dtype=torch.float32).index_add_(0, doc, hidden[keep].float())
+    counts = torch.bincount(doc, minlength=B).to(torch.float32)  # (B,)
+    return (sums / counts.clamp_min(1.0).unsqueeze(-1)).to(hidden.dtype)
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ class SentenceTransformerTeacher(Teacher):
         normalize: bool = True,
         max_length: int | None = None,
         batch_size: int = 64,
+        batch_tokens: int | None = None,
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
@@ -62,6 +63,8 @@ class SentenceTransformerTeacher(Teacher):
             normalize: L2-normalise the teacher's vectors.
             max_length: teacher's max tokens; None keeps the model's own ``max_seq_length``.
             batch_size: texts per teacher forward (sentence-transformers sorts by length).
+            batch_tokens: instead, fill each forward to this many (padded) tokens: texts sorted by
+                length, so short chunks go hundreds to a batch and long windows a few. None: ``batch_size``.
             device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1``...
             dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float32``; never fp16 (NaNs).
             trust_remote_code: allow the model repo's own code.
@@ -69,7 +72,7 @@ class SentenceTransformerTeacher(Teacher):
         self.model_name, self.revision = model, revision
         self.prompt, self.query_prompt = prompt, query_prompt
         self.normalize, self._max_length = normalize, max_length
-        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.batch_size, self.batch_tokens, self.device, self.dtype = batch_size, batch_tokens, device, dtype
         self.trust_remote_code = trust_remote_code
         self.seconds = 0.0  # time spent encoding, for the fill report
 
@@ -105,9 +108,31 @@ class SentenceTransformerTeacher(Teacher):
 
     def encode(self, texts: Sequence[str], show_progress_bar: bool = False) -> np.ndarray:
         t0 = time.perf_counter()
-        vecs = self.model.encode(
-            list(texts), batch_size=self.batch_size, prompt=self.prompt, normalize_embeddings=self.normalize,
-            convert_to_numpy=True, show_progress_bar=show_progress_bar,
-        )
+        texts = list(texts)
+        groups = [list(range(len(texts)))] if self.batch_tokens is None else self._token_groups(texts)
+        out = np.zeros((len(texts), 0), dtype=np.float32)
+        for group in groups:
+            vecs = self.model.encode(
+                [texts[i] for i in group], batch_size=self.batch_size if self.batch_tokens is None else len(group),
+                prompt=self.prompt, normalize_embeddings=self.normalize, convert_to_numpy=True,
+                show_progress_bar=show_progress_bar)
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+            out[group] = vecs
         self.seconds += time.perf_counter() - t0
-        return np.asarray(vecs, dtype=np.float32)
+        return out
+
+    def _token_groups(self, texts: list[str]) -> list[list[int]]:
+        """Indices of ``texts`` in batches of at most ``batch_tokens`` padded tokens, longest first."""
+        st = self.model
+        prompt = self.prompt or ""
+        ids = st.tokenizer([prompt + t for t in texts], add_special_tokens=True, truncation=True,
+                           max_length=st.max_seq_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        groups, group = [], []
+        for i in order:  # sorted longest first, so the group's first text sets its padded width
+            if group and (len(group) + 1) * len(ids[group[0]]) > self.batch_tokens:
+                groups.append(group)
+                group = []
+            group.append(i)
+        return groups + [group] if group else groups

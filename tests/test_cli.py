@@ -216,3 +216,27 @@ def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, monkeypatch, 
     assert len(rows) == 2 and all(" True |" in r for r in rows)
     assert rows[0].startswith("| global_rope_theta=2000000.0 |")  # the study file's order, not the name's
     assert (report.parent / "loss.png").stat().st_size > 0 and (report.parent / "passkey.png").exists()
+
+
+def test_packed_fit_follows_the_padded_loss_curve(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
+    """Packing changes the layout, not the batch: same texts, same loss at every step. The packed run
+    also compiles its student (torch.compile with the eager backend: the graph capture, not inductor)."""
+    docs = [json.loads(line) for line in small_corpus_path.read_text().splitlines()]
+    spread = tmp_path / "spread.jsonl"  # documents of 100 to 2,000 characters, so batches have padding
+    spread.write_text("".join(json.dumps({"id": f"{d['id']}-{n}", "text": d["text"][:n]}) + "\n"
+                              for d in docs for n in (100, 400, 2000)))
+    curves = {}
+    for name, extra in (("padded", {}), ("packed", {"data.pack": True, "model.compile": "eager"})):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        small = _small(tmp_path / name, spread, shared_cache_dir,
+                       **{"trainer.max_steps": 3, "trainer.callbacks": [], "data.overflow": "truncate",
+                          "data.max_length": 384, **extra})
+        main(["fit", "-c", TINY, "-c", small])
+        event = next((tmp_path / name / "runs" / "small").rglob("events.out.tfevents*"))
+        curves[name] = [(e.step, e.value) for e in _scalars(event, "train/loss")]
+        curves[name + "_padding"] = [e.value for e in _scalars(event, "train/padding")]
+    assert len(curves["padded"]) == 3
+    assert max(curves["packed_padding"]) < min(curves["padded_padding"])  # it did pack
+    for (step_a, a), (step_b, b) in zip(curves["padded"], curves["packed"], strict=True):
+        assert step_a == step_b and abs(a - b) <= 1e-4 * abs(a), (a, b)

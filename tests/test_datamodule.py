@@ -127,3 +127,16 @@ def test_missing_corpus_path_names_the_fix(tmp_path):
                            cache_dir=str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="does not exist; .*path"):
         dm.prepare_data()
+
+
+def test_teacher_token_budget_batches_give_the_same_vectors():
+    """Batching to a token budget regroups texts; every text's vector stays what batch_size gives."""
+    texts = ["short", "a " * 200, "three word text", "x" * 50, "the teacher reads " * 30, "last"]
+    fixed = SentenceTransformerTeacher(batch_size=2)
+    budget = SentenceTransformerTeacher(batch_tokens=64)
+    groups = budget._token_groups(texts)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) > 2
+    lengths = [len(budget.model.tokenizer(t, truncation=True, max_length=budget.model.max_seq_length)["input_ids"])
+               for t in texts]
+    assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 64 for g in groups)
+    np.testing.assert_allclose(budget.encode(texts), fixed.encode(texts), atol=1e-5)

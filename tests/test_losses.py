@@ -62,7 +62,9 @@ def test_pooling_heads_match_loops():
     hidden = torch.randn(2, 6, 3, generator=g)
     content = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
     batch = {"content_mask": content, "chunk_row": torch.tensor([0, 0, 1, 1]),
-             "chunk_start": torch.tensor([1, 2, 1, 3]), "chunk_end": torch.tensor([3, 4, 5, 5])}
+             "chunk_start": torch.tensor([1, 2, 1, 3]), "chunk_end": torch.tensor([3, 4, 5, 5]),
+             "doc_row": torch.tensor([0, 1]), "doc_start": torch.tensor([0, 0]),
+             "token_doc": torch.tensor([[0] * 5 + [-1], [1] * 6])}
     assert torch.equal(CLSPooling()(hidden, batch), hidden[:, 0])
     mean = torch.stack([hidden[0, 1:4].mean(0), hidden[1, 1:5].mean(0)])
     torch.testing.assert_close(MeanPooling()(hidden, batch), mean)
@@ -70,6 +72,14 @@ def test_pooling_heads_match_loops():
     spans = [(0, 1, 3), (0, 2, 4), (1, 1, 5), (1, 3, 5)]  # overlapping spans on purpose
     loop = torch.stack([hidden[r, a:b].mean(0) for r, a, b in spans])
     torch.testing.assert_close(ChunkMeanPooling()(hidden, batch), loop)
+    # the same two texts packed into one row (text 1 after text 0's 5 tokens): same embeddings
+    row = torch.cat([hidden[0, :5], hidden[1]])[None]  # (1, 11, 3)
+    packed = {"content_mask": torch.cat([content[0, :5], content[1]])[None], "doc_row": torch.tensor([0, 0]),
+              "doc_start": torch.tensor([0, 5]), "token_doc": torch.tensor([[0] * 5 + [1] * 6]),
+              "chunk_row": torch.tensor([0, 0, 0, 0]), "chunk_start": torch.tensor([1, 2, 6, 8]),
+              "chunk_end": torch.tensor([3, 4, 10, 10])}
+    for head in (CLSPooling(), MeanPooling(), CLSMeanPooling(), ChunkMeanPooling()):
+        torch.testing.assert_close(head(row, packed), head(hidden, batch))
 
 
 def test_span_mean_gradients_reach_only_span_tokens():

@@ -1,0 +1,143 @@
+"""Packing and token-budget batching: same embeddings as one text per row, every text once per epoch."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from dewey_lab import attention
+from dewey_lab.datamodule import collate
+from dewey_lab.module import DistillModule
+from dewey_lab.packing import TokenBudgetBatchSampler, first_fit_decreasing
+from dewey_lab.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling
+from dewey_lab.resolve import OFFLINE_TEACHER
+from dewey_lab.student import StudentConfig
+from tests.test_datamodule import CountingTeacher, _dm
+
+
+def test_first_fit_decreasing_known_answer_and_capacity():
+    # 7 and 3 fill a row; 6 and 4 fill the next; 5, 5 the last: three full rows of 10
+    assert sorted(map(sorted, first_fit_decreasing([7, 6, 5, 5, 4, 3], 10))) == [[0, 5], [1, 4], [2, 3]]
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(300)]
+    rows = first_fit_decreasing(lengths, 128)
+    assert sorted(i for row in rows for i in row) == list(range(300))
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert len(rows) <= -(-sum(lengths) // 128) * 11 // 9 + 1
+    with pytest.raises(ValueError, match="pack_length"):
+        first_fit_decreasing([129], 128)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_batches_cover_every_text_once_within_budget(packed):
+    rng = random.Random(1)
+    lengths = [min(512, int(rng.paretovariate(1.2) * 40)) for _ in range(1000)]
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=2048, packed=packed, seed=3)
+    seen = []
+    for epoch in range(2):
+        sampler.sampler.set_epoch(epoch)  # what Lightning calls each epoch
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        for b in batches:
+            cost = sum(lengths[i] for i in b) if packed else len(b) * max(lengths[i] for i in b)
+            assert cost <= 2048
+        seen.append(batches)
+    assert seen[0] != seen[1]  # a new mix each epoch
+    again = TokenBudgetBatchSampler(lengths, max_tokens=2048, packed=packed, seed=3)
+    assert list(again) == seen[0]  # and the same mix for the same seed
+    if not packed:  # sorting within pools: far less padding than batches of the same sizes in random order
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in seen[0])
+        order = list(range(1000))
+        random.Random(0).shuffle(order)
+        at, rand_padded = 0, 0
+        for b in seen[0]:
+            part = order[at:at + len(b)]
+            rand_padded += len(b) * max(lengths[i] for i in part)
+            at += len(b)
+        assert padded < 0.5 * rand_padded
+
+
+def varlen_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     cu_seq_lens_q=None, **kwargs):
+    """What flash-attn's varlen kernel computes, segment by segment with plain SDPA: the reference
+    for the ``cu_seqlens`` path that packed batches take on flash-attn."""
+    assert attention_mask is None and query.shape[0] == 1 and cu_seq_lens_q is not None
+    outs = []
+    for a, b in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist()):
+        mask = None
+        if sliding_window is not None:
+            pos = torch.arange(b - a)
+            mask = (pos[:, None] - pos[None, :]).abs() <= sliding_window - 1
+        outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                   attn_mask=mask, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("varlen_reference", varlen_reference)
+
+
+@pytest.fixture(scope="module")
+def counting_cache(tmp_path_factory):
+    """The counting teacher's 12-d vectors (the shared cache holds the real teacher's 384-d)."""
+    return tmp_path_factory.mktemp("counting_cache")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "varlen_reference"])
+def test_packed_batch_gives_the_unpacked_embeddings(impl, small_corpus_path, counting_cache, monkeypatch):
+    dm = _dm(small_corpus_path, counting_cache, CountingTeacher(), max_length=96, batch_size=12, prompt="doc: ",
+             max_windows_per_doc=None)  # every window: each document ends in a short one
+    dm.prepare_data()
+    dm.setup("fit")
+    data = dm.datasets["train"]
+    by_length = sorted(range(len(data)), key=lambda i: data.examples[i].n_tokens)
+    items = [data[i] for i in by_length[:6] + by_length[-6:]]  # the 6 shortest texts and 6 full windows
+    assert len({len(it["input_ids"]) for it in items}) > 4
+    unpacked, packed = collate(items), collate(items, pack_length=96)
+    R, T = packed["input_ids"].shape
+    assert R < 12 and R * T < unpacked["input_ids"].numel()  # fewer rows, fewer tokens
+    assert (packed["position_ids"][packed["token_doc"] >= 0] < 96).all()  # positions restart per text
+
+    monkeypatch.setattr(attention, "VARLEN", attention.VARLEN | {"varlen_reference"})
+    torch.manual_seed(0)
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
+                         config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                                 "num_attention_heads": 2, "local_attention": 16, "initializer_range": 0.3})
+    module = DistillModule(student=spec, teacher_dim=12, projection="linear").eval()
+    with torch.no_grad():
+        h_un = attention.forward_rows(module.student, unpacked)  # one text per row, transformers' SDPA path
+        module.student.config._attn_implementation = impl
+        h_pk = attention.forward_rows(module.student, packed)
+        module.student.config._attn_implementation = "sdpa"
+        assert (h_un - h_un.mean()).abs().max() > 0.1  # the check below is not trivially true
+        for head in (CLSPooling(), MeanPooling(), CLSMeanPooling(), ChunkMeanPooling()):
+            torch.testing.assert_close(head(h_pk, packed), head(h_un, unpacked), atol=1e-5, rtol=1e-5)
+        # a token's state depends on its own text only: each text alone equals its packed copy
+        for b in (0, 5):
+            alone = collate([items[b]])
+            h_alone = attention.forward_rows(module.student, alone)[0]  # no padding at all
+            r, s = packed["doc_row"][b], packed["doc_start"][b]
+            torch.testing.assert_close(h_pk[r, s:s + len(h_alone)], h_alone, atol=1e-5, rtol=1e-5)
+        assert torch.equal(packed["t_chunk"], unpacked["t_chunk"])
+
+
+def test_packed_attention_needs_a_mask_or_varlen_backend(small_corpus_path, counting_cache):
+    dm = _dm(small_corpus_path, counting_cache, CountingTeacher(), max_length=96, batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = collate([dm.datasets["train"][i] for i in range(4)], pack_length=96)
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, config={"hidden_size": 32, "intermediate_size": 64,
+                                                            "num_hidden_layers": 1, "num_attention_heads": 2})
+    module = DistillModule(student=spec, teacher_dim=12)
+    module.student.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="data.pack: false"):
+        attention.forward_rows(module.student, batch)
+
+
+def test_datamodule_options_check_the_window(small_corpus_path, tmp_path):
+    with pytest.raises(ValueError, match="pack_length"):
+        _dm(small_corpus_path, tmp_path, pack=True, pack_length=64, max_length=128)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        _dm(small_corpus_path, tmp_path, batch_tokens=100, max_length=128)
