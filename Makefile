@@ -7,6 +7,8 @@ EXP ?= tiny
 SCALE ?= $(if $(filter tiny dewey,$(EXP)),,tiny)
 # VARIANT=k runs only variant k of a study's sweep (dewey-lab sweep --print lists them)
 VARIANT ?=
+# BENCH='--sections train,st' passes options to benchmarks/suite.py
+BENCH ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU-only machines get the CPU build of torch 2.13.0; machines with nvidia-smi get the newest CUDA
@@ -39,9 +41,8 @@ eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EX
 test: setup ## run the test suite (CPU, offline; what CI runs)
 	$(PY) -m pytest
 
-bench: setup ## benchmarks: one long passage (blocked vs dense attention); encode_chunks to 128k (macro-windows)
-	$(PY) benchmarks/long_passage_memory.py
-	$(PY) benchmarks/encode_chunks_memory.py
+bench: setup ## benchmark suite -> results/bench.md: packed vs padded, vs sentence-transformers, fill, late chunking, long passages (~15 min CPU)
+	$(PY) benchmarks/suite.py $(BENCH)
 
 tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)
 	$(VENV)/bin/tensorboard --logdir runs

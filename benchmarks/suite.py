@@ -1,0 +1,397 @@
+"""``make bench``: throughput and memory, measured side by side in one run -> results/bench.md.
+
+    python benchmarks/suite.py                       # every section (~15 min on 2 CPU cores)
+    python benchmarks/suite.py --sections train,st   # some of them
+
+Sections, each on the same student, data and batch within it:
+
+* ``fill``: teacher-fill texts/s, ours (dedupe, length-sorted token-budget batches, cache) against
+  ``SentenceTransformer.encode`` on the same texts; then a second fill (all cache hits).
+* ``train``: training real (non-padding) tokens/s, packed against padded, fixed-size and
+  token-budget batches; the offline corpus's own lengths (whole documents cut at ``--max-length``).
+* ``st``: ours against sentence-transformers' distillation trainer (SentenceTransformerTrainer +
+  MSELoss on the precomputed teacher vectors), same student init, texts and batch size.
+* ``multivector``: chunk vectors of one passage, one pass (late chunking) against one pass per
+  chunk, at 1k / 4k / 16k tokens.
+* ``long``: one long passage's forward time and peak memory at 2k / 8k / 32k tokens.
+* ``gpu`` (CUDA only): ModernBERT-base/-large shapes at 2048 in bf16: tokens/s and model FLOP
+  utilisation, flash-attn against SDPA, packed against padded.
+
+Each training and long-passage case runs in its own process (``isolated.run_case``); the
+numbers are wall-clock and these machines are noisy, so compare ratios within one run.
+Benchmarks report; no test depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ["fill", "train", "st", "multivector", "long", "gpu"]
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "max_position_embeddings": 131072}  # tiny.yaml's student
+SHAPES = {  # ModernBERT-base / -large (answerdotai config.json), random init: no hub needed
+    "base": {"hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12},
+    "large": {"hidden_size": 1024, "intermediate_size": 2624, "num_hidden_layers": 28, "num_attention_heads": 16},
+}
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM datasheet, dense bf16; H200 has the same compute
+
+
+# -- shared set-up ----------------------------------------------------------------------------------
+def data_module(cache_dir: str, max_length: int, batch_size: int = 16, **kw):
+    from dewey_lab.corpus import PydocCorpus
+    from dewey_lab.datamodule import DistillDataModule
+    from dewey_lab.teacher import SentenceTransformerTeacher
+
+    teacher = SentenceTransformerTeacher(max_length=256, batch_size=64, batch_tokens=kw.pop("teacher_tokens", 8192))
+    return DistillDataModule(corpus=PydocCorpus(), teacher=teacher, max_length=max_length, overflow="truncate",
+                             batch_size=batch_size, cache_dir=cache_dir, val_fraction=0.0, **kw)
+
+
+def student_module(config: dict, attn: str = "sdpa", seed: int = 0):
+    from dewey_lab.module import DistillModule
+    from dewey_lab.resolve import OFFLINE_TEACHER
+    from dewey_lab.student import StudentConfig
+
+    torch.manual_seed(seed)
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, config=dict(config), attn_implementation=attn)
+    return DistillModule(student=spec, teacher_dim=384, projection="linear", warmup_steps=10)
+
+
+def set_threads() -> None:
+    torch.set_num_threads(min(os.cpu_count() or 1, 16))
+
+
+# -- fill -------------------------------------------------------------------------------------------
+def bench_fill(a) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from dewey_lab.resolve import OFFLINE_TEACHER, resolve_model
+
+    set_threads()
+    cache = Path(a.work) / "teacher_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    dm = data_module(str(cache), a.max_length)
+    examples = dm.examples()["train"]
+    all_texts = [t for e in examples for t in [e.text, *(e.text[s:x] for s, x in e.chunks)]]
+    _ = dm.teacher.model  # load the teacher before the clock starts (both sides)
+    t0 = time.perf_counter()
+    dm.prepare_data()
+    first = time.perf_counter() - t0
+    st = SentenceTransformer(resolve_model(OFFLINE_TEACHER), device="cpu")
+    st.max_seq_length = 256
+    t0 = time.perf_counter()
+    st.encode(all_texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    baseline = time.perf_counter() - t0
+    again = data_module(str(cache), a.max_length)
+    again.examples()
+    t0 = time.perf_counter()
+    again.prepare_data()
+    second = time.perf_counter() - t0
+    return {"texts": len(all_texts), "unique": dm.fill_stats.unique_texts, "first_s": first, "st_s": baseline,
+            "second_s": second, "second_hits": again.fill_stats.hit_rate, "cache": str(cache)}
+
+
+# -- training throughput ----------------------------------------------------------------------------
+def train_case(a, layout: str, shape: str = "tiny", attn: str = "sdpa", device: str = "cpu") -> dict:
+    """Steady-state training throughput of one layout, in this process."""
+    set_threads()
+    pack, budget = {"padded": (False, None), "packed": (True, None), "budget_padded": (False, a.budget),
+                    "budget_packed": (True, a.budget)}[layout]
+    dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, pack=pack,
+                     batch_tokens=budget)
+    module = student_module(TINY if shape == "tiny" else {**SHAPES[shape], "max_position_embeddings": 8192}, attn)
+    timer = StepTimer(a.warmup)
+    trainer = L.Trainer(accelerator=device, devices=1, max_steps=a.warmup + a.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0,
+                        precision="bf16-mixed" if device == "gpu" else "32-true", callbacks=[timer])
+    trainer.fit(module, datamodule=dm)
+    out = timer.summary()
+    out.update(layout=layout, shape=shape, attn=attn)
+    if device == "gpu":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        params = sum(p.numel() for n, p in module.student.named_parameters() if "embeddings" not in n)
+        cfg = module.student.config
+        out["mfu"] = model_flops_per_second(out, params, cfg) / (H100_BF16_DENSE_TFLOPS * 1e12)
+    return out
+
+
+def model_flops_per_second(out: dict, params: int, cfg) -> float:
+    """6 N per real token for the weights, plus attention over each text's own tokens: 12 x hidden x
+    context per layer and token (forward + backward), context = text length on global layers and
+    at most the window on local ones. Padding is not counted: only useful work is."""
+    globals_ = sum(t == "full_attention" for t in cfg.layer_types)
+    locals_ = cfg.num_hidden_layers - globals_
+    ctx = out["mean_text_tokens"]
+    per_token = 6 * params + 12 * cfg.hidden_size * (globals_ * ctx + locals_ * min(ctx, cfg.local_attention))
+    return per_token * out["real_tokens_per_s"]
+
+
+class StepTimer(L.Callback):
+    """Wall time between the ends of consecutive steps (data loading included), after ``warmup``."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.ends, self.real, self.computed, self.texts = warmup, [], [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch["attention_mask"].is_cuda:
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+        self.real.append(int(batch["attention_mask"].sum()))
+        self.computed.append(batch["attention_mask"].numel())
+        self.texts.append(batch["doc_row"].numel())
+
+    def summary(self) -> dict:
+        w = self.warmup
+        seconds = self.ends[-1] - self.ends[w - 1]
+        real, texts = sum(self.real[w:]), sum(self.texts[w:])
+        return {"steps": len(self.ends) - w, "seconds": seconds, "real_tokens_per_s": real / seconds,
+                "texts_per_s": texts / seconds, "padding": 1 - real / sum(self.computed[w:]),
+                "mean_text_tokens": real / texts, "texts_per_step": texts / (len(self.ends) - w)}
+
+
+def st_case(a) -> dict:
+    """sentence-transformers' own distillation: SentenceTransformerTrainer + MSELoss, same student init."""
+    import numpy as np
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MSELoss
+    from transformers import TrainerCallback
+
+    from dewey_lab.datamodule import example_keys
+    from dewey_lab.export import export
+
+    set_threads()
+    dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size)
+    examples = dm.examples()["train"]
+    labels = dm.cache.get_many([example_keys(dm.teacher.fingerprint, e)[0] for e in examples])
+    module = student_module(TINY)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    ckpt = Path(a.work) / "st_student.ckpt"
+    trainer.save_checkpoint(ckpt)
+    model = export(str(ckpt), str(Path(a.work) / "st_student"), pooling="cls", max_length=a.max_length)
+    data = Dataset.from_dict({"text": [e.text for e in examples], "label": [np.asarray(v) for v in labels]})
+    ends: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(Path(a.work) / "st_out"), per_device_train_batch_size=a.batch_size,
+        max_steps=a.warmup + a.steps, learning_rate=1e-4, warmup_steps=10, report_to="none", save_strategy="no",
+        logging_strategy="no", dataloader_drop_last=True, use_cpu=True, seed=0, disable_tqdm=True)
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=MSELoss(model),
+                               callbacks=[Timer()]).train()
+    seconds = ends[-1] - ends[a.warmup - 1]
+    texts = a.batch_size * (len(ends) - a.warmup)
+    mean_tokens = statistics.mean(e.n_tokens for e in examples)  # the same tokenizer and truncation
+    return {"steps": len(ends) - a.warmup, "seconds": seconds, "texts_per_s": texts / seconds,
+            "real_tokens_per_s": texts * mean_tokens / seconds, "mean_text_tokens": mean_tokens}
+
+
+# -- multi-vector ----------------------------------------------------------------------------------
+def bench_multivector(a) -> list[dict]:
+    from dewey_lab.corpus import PydocCorpus
+    from dewey_lab.encode import load
+
+    set_threads()
+    module = student_module(TINY)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    ckpt = Path(a.work) / "mv_student.ckpt"
+    trainer.save_checkpoint(ckpt)
+    enc = load(str(ckpt), pooling="mean", window=max(a.mv_lengths), device="cpu")
+    tok = enc.embedder.tokenizer
+    corpus = "\n\n".join(d.text for d in PydocCorpus().documents())
+    offsets = tok(corpus, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    rows = []
+    with torch.inference_mode():
+        for n in a.mv_lengths:
+            text = corpus[: offsets[n - 3][1]]  # n tokens with CLS and SEP
+            chunks = enc.encode_chunks(text)  # warm-up, and the spans both sides use
+            pieces = [text[s:e] for s, e in chunks.char_spans]
+            timings = {}
+            for name, fn in (("one_pass", lambda text=text: enc.encode_chunks(text)),
+                             ("per_chunk", lambda pieces=pieces: [enc.encode([p]) for p in pieces]),
+                             ("per_chunk_batched", lambda pieces=pieces: enc.encode(pieces))):
+                best = float("inf")
+                for _ in range(a.repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t0)
+                timings[name] = best
+            rows.append({"tokens": n, "chunks": len(pieces), "passes": chunks.windows, **timings})
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+def fmt(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+class Report:
+    """results/bench.md, rewritten after every section so a crash keeps what was measured."""
+
+    def __init__(self, path: Path, argv: list[str]) -> None:
+        self.path, self.parts = path, []
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        self.head = [
+            "# Benchmarks", "",
+            f"`python benchmarks/suite.py {' '.join(argv)}`".replace("suite.py `", "suite.py`"),
+            (f"on {platform.node()}: {os.cpu_count()} CPU cores, {device}; torch {torch.__version__}; "
+            f"{datetime.date.today().isoformat()}."), "",
+            "Wall-clock and noisy: compare ratios within this file, which were all measured in one run.", ""]
+
+    def add(self, lines: list[str]) -> None:
+        self.parts.append(lines + [""])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(self.head + [x for p in self.parts for x in p]))
+        print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--out", default=str(REPO / "results" / "bench.md"))
+    p.add_argument("--work", default=str(REPO / "results" / "bench_work"), help="teacher cache and checkpoints")
+    p.add_argument("--max-length", type=int, default=2048, help="training window (the paper's 2048)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--budget", type=int, default=16 * 2048, help="tokens per token-budget batch")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per case")
+    p.add_argument("--mv-lengths", default="1024,4096,16384")
+    p.add_argument("--long-lengths", default="2048,8192,32768")
+    p.add_argument("--repeats", type=int, default=2, help="best of this many (multi-vector)")
+    p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.mv_lengths = [int(x) for x in a.mv_lengths.split(",")]
+    if a.one:  # a case in its own process
+        kind, *rest = a.one
+        result = {"train": lambda: train_case(a, *rest), "st": lambda: st_case(a), "fill": lambda: bench_fill(a),
+                  "mv": lambda: bench_multivector(a)}[kind]()
+        print(json.dumps(result))
+        return
+    sections = a.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"error: unknown section {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    argv = sys.argv[1:]
+    report = Report(Path(a.out), argv)
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+    common = [f"--work={a.work}", f"--max-length={a.max_length}", f"--batch-size={a.batch_size}",
+              f"--budget={a.budget}", f"--steps={a.steps}", f"--warmup={a.warmup}",
+              f"--mv-lengths={','.join(map(str, a.mv_lengths))}", f"--repeats={a.repeats}"]
+
+    def case(*args):
+        out = run_case(__file__, *args, *common)
+        if isinstance(out, str):  # run_case gives the failed process's last error line
+            sys.exit(f"error: benchmark case {' '.join(args)} failed: {out}")
+        return out
+
+    if "fill" in sections or not (Path(a.work) / "teacher_cache").exists():
+        f = case("fill")
+        report.add([
+            "## Teacher fill (all-MiniLM-L6-v2 on CPU)", "",
+            (f"The offline corpus's {f['texts']:,} windows and chunks ({f['unique']:,} unique) at "
+            f"max_length {a.max_length}: ours (`prepare_data`: dedupe, length-sorted {8192}-token batches, "
+            "cache writes) against `SentenceTransformer.encode(texts, batch_size=64)` on the same texts."), "",
+            "| fill | seconds | texts/s | ratio |", "|---|---:|---:|---:|",
+            f"| sentence-transformers `encode` | {fmt(f['st_s'], 1)} | {fmt(f['texts'] / f['st_s'], 0)} | 1.00 |",
+            (f"| ours, first fill (empty cache) | {fmt(f['first_s'], 1)} | {fmt(f['texts'] / f['first_s'], 0)} | "
+            f"**{fmt(f['st_s'] / f['first_s'])}x** |"),
+            (f"| ours, second fill (hit rate {f['second_hits']:.0%}) | {fmt(f['second_s'], 2)} | "
+            f"{fmt(f['texts'] / f['second_s'], 0)} | **{fmt(f['first_s'] / f['second_s'], 0)}x the first fill** |")])
+    if "train" in sections:
+        rows = [case("train", layout) for layout in ("padded", "packed", "budget_padded", "budget_packed")]
+        base = rows[0]["real_tokens_per_s"]
+        report.add([
+            "## Training throughput: packed against padded (tiny student, CPU)", "",
+            (f"Whole documents of the offline corpus cut at {a.max_length} tokens (mean "
+            f"{fmt(rows[0]['mean_text_tokens'], 0)}), {a.batch_size} texts per fixed batch or "
+            f"{a.budget:,} tokens per token-budget batch; {a.steps} timed steps after {a.warmup} untimed, "
+            "data loading included. Real tokens exclude padding."), "",
+            "| layout | texts/step | padding | real tokens/s | ratio to padded |", "|---|---:|---:|---:|---:|",
+            *[f"| {r['layout']} | {fmt(r['texts_per_step'], 1)} | {r['padding']:.0%} | "
+              f"{fmt(r['real_tokens_per_s'], 0)} | **{fmt(r['real_tokens_per_s'] / base)}x** |" for r in rows]])
+        ours = rows[1]
+    if "st" in sections:
+        if "train" not in sections:
+            ours = case("train", "packed")
+        s = case("st")
+        report.add([
+            "## Ours against sentence-transformers' distillation trainer (tiny student, CPU)", "",
+            ("Same student init, texts (whole documents at max_length "
+            f"{a.max_length}) and batch size ({a.batch_size}); theirs: `SentenceTransformerTrainer` + "
+            "`MSELoss` on our cached teacher vectors (whole-text loss only, padded batches); ours: "
+            "`DistillModule` packed, with the chunk losses too (more work per step)."), "",
+            "| trainer | texts/s | real tokens/s | ratio |", "|---|---:|---:|---:|",
+            f"| sentence-transformers | {fmt(s['texts_per_s'])} | {fmt(s['real_tokens_per_s'], 0)} | 1.00 |",
+            (f"| ours (packed) | {fmt(ours['texts_per_s'])} | {fmt(ours['real_tokens_per_s'], 0)} | "
+            f"**{fmt(ours['texts_per_s'] / s['texts_per_s'])}x** |")])
+    if "multivector" in sections:
+        rows = case("mv")
+        report.add([
+            "## Multi-vector passage encoding: one pass against one pass per chunk (tiny student, CPU)", "",
+            ("256-token chunks with 64 overlap, mean-pooled. One pass reads the passage once (late chunking); "
+            "per chunk reads each chunk alone, one call each or all chunks in one batch. Best of "
+            f"{a.repeats}."), "",
+            ("| tokens | chunks | one pass (s) | per chunk (s) | per chunk, batched (s) | per chunk / one pass "
+            "| batched / one pass |"), "|---:|---:|---:|---:|---:|---:|---:|",
+            *[f"| {r['tokens']:,} | {r['chunks']} | {fmt(r['one_pass'], 3)} | {fmt(r['per_chunk'], 3)} | "
+              f"{fmt(r['per_chunk_batched'], 3)} | **{fmt(r['per_chunk'] / r['one_pass'])}x** | "
+              f"{fmt(r['per_chunk_batched'] / r['one_pass'])}x |" for r in rows]])
+    if "long" in sections:
+        script = str(Path(__file__).parent / "long_passage_memory.py")
+        rows = []
+        for n in map(int, a.long_lengths.split(",")):
+            for path in ("banded", "dense") if n <= 8192 else ("banded",):
+                r = run_case(script, n, path)
+                rows.append(r if isinstance(r, dict) else {"length": n, "path": path, "error": r})
+        report.add([
+            "## One long passage: forward time and peak memory (tiny student, CPU, inference)", "",
+            ("`banded`: our blocked sliding-window SDPA (what the Embedder uses past 2,048 tokens); `dense`: "
+            "transformers' default SDPA path with dense L x L masks (skipped past 8k)."), "",
+            "| tokens | path | seconds | peak RSS (MiB) | growth over the model (MiB) |", "|---:|---|---:|---:|---:|",
+            *[f"| {r['length']:,} | {r['path']} | " + (f"failed: {r['error']} | | |" if "error" in r else
+              f"{r['seconds']} | {r['peak_mib']:,} | {r['peak_mib'] - r['model_mib']:,} |") for r in rows]])
+    if "gpu" in sections:
+        if not torch.cuda.is_available():
+            report.add(["## GPU", "", ("Not run: no CUDA device here. On a GPU machine: "
+                        "`python benchmarks/suite.py --sections gpu`.")])
+        else:
+            rows = []
+            for shape in ("base", "large"):
+                for attn in ("flash_attention_2", "sdpa"):
+                    for layout in ("padded", "packed"):
+                        r = run_case(__file__, "train", layout, shape, attn, "gpu", *common)
+                        rows.append(r if isinstance(r, dict) else
+                                    {"shape": shape, "attn": attn, "layout": layout, "error": r})
+            report.add([
+                f"## GPU: ModernBERT shapes at {a.max_length} tokens, bf16-mixed ({torch.cuda.get_device_name(0)})",
+                "", (f"Random-init ModernBERT-base/-large shapes, {a.batch_size} texts per batch; MFU against "
+                f"{H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s dense bf16 (H100/H200 SXM), counting only real tokens."), "",
+                "| model | attention | layout | real tokens/s | MFU | peak GiB |", "|---|---|---|---:|---:|---:|",
+                *[f"| {r['shape']} | {r['attn']} | {r['layout']} | " + (f"failed: {r['error']} | | |" if "error" in r
+                  else f"{fmt(r['real_tokens_per_s'], 0)} | {r['mfu']:.1%} | {fmt(r['peak_gib'], 1)} |")
+                  for r in rows]])
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
