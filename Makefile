@@ -41,7 +41,7 @@ eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EX
 test: setup ## run the test suite (CPU, offline; what CI runs)
 	$(PY) -m pytest
 
-bench: setup ## benchmark suite -> results/bench.md: packed vs padded, vs sentence-transformers, fill, late chunking, long passages (~15 min CPU)
+bench: setup ## benchmark suite -> results/bench.md: packed vs padded, vs sentence-transformers, fill, late chunking, long passages (~25 min CPU)
 	$(PY) benchmarks/suite.py $(BENCH)
 
 tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)

@@ -1,6 +1,6 @@
 """``make bench``: throughput and memory, measured side by side in one run -> results/bench.md.
 
-    python benchmarks/suite.py                       # every section (~15 min on 2 CPU cores)
+    python benchmarks/suite.py                       # every section (~25 min on 2 CPU cores)
     python benchmarks/suite.py --sections train,st   # some of them
 
 Sections, each on the same student, data and batch within it:
@@ -367,7 +367,7 @@ def main() -> None:
             "## One long passage: forward time and peak memory (tiny student, CPU, inference)", "",
             ("`banded`: our blocked sliding-window SDPA (what the Embedder uses past 2,048 tokens); `dense`: "
             "transformers' default SDPA path with dense L x L masks (skipped past 8k)."), "",
-            "| tokens | path | seconds | peak RSS (MiB) | growth over the model (MiB) |", "|---:|---|---:|---:|---:|",
+            "| tokens | path | seconds | peak RSS (MiB) | growth over the model load (MiB; 0: below its peak) |", "|---:|---|---:|---:|---:|",
             *[f"| {r['length']:,} | {r['path']} | " + (f"failed: {r['error']} | | |" if "error" in r else
               f"{r['seconds']} | {r['peak_mib']:,} | {r['peak_mib'] - r['model_mib']:,} |") for r in rows]])
     if "gpu" in sections:

@@ -13,6 +13,8 @@ that learned nothing about its input cannot beat the baseline.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from typing import Literal
 
 import lightning as L
@@ -27,6 +29,8 @@ from dewey_lab.attention import forward_rows
 from dewey_lab.losses import CosineLoss, LossTerm, SimilarityLoss
 from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
 from dewey_lab.student import StudentConfig, build_student
+
+log = logging.getLogger(__name__)
 
 VAL_METRICS = ("cos_whole", "cos_chunk", "cos_whole_baseline", "cos_chunk_baseline")
 
@@ -83,10 +87,14 @@ class DistillModule(L.LightningModule):
         self.compile_backend = "inductor" if compile is True else compile or None
 
     def configure_model(self) -> None:
-        if self.compile_backend and not getattr(self, "_compiled", False):
-            # in place: parameter names (and so checkpoints) stay those of the uncompiled student
-            self.student.compile(backend=self.compile_backend, dynamic=True)
-            self._compiled = True
+        if not self.compile_backend or getattr(self, "_compiled", False):
+            return
+        if self.compile_backend == "inductor" and not (torch.cuda.is_available() or shutil.which("cc")):
+            log.warning("model.compile: inductor needs CUDA or a C compiler (cc); training uncompiled")
+            return
+        # in place: parameter names (and so checkpoints) stay those of the uncompiled student
+        self.student.compile(backend=self.compile_backend, dynamic=True)
+        self._compiled = True
 
     # -- wiring to the data ----------------------------------------------------------------------
     def _build_projection(self, teacher_dim: int) -> None:
