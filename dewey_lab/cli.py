@@ -19,9 +19,11 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from dewey_lab.callbacks import RunInfo
+from dewey_lab.checkpoint import SafeCheckpointIO
 from dewey_lab.datamodule import DistillDataModule
 from dewey_lab.module import DistillModule
 from dewey_lab.sweep import apply_sweep
@@ -34,6 +36,9 @@ class DeweyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--sweep", type=dict | None, default=None,
                             help="a study's sweep: dotted key -> list of values (see dewey_lab/sweep.py)")
+        # periodic checkpoints (YAML `checkpoint:`), so a killed run loses at most every_n_train_steps steps
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         # the data module tokenises with the student's tokenizer: one setting, two readers
         parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.tokenizer",
                               compute_fn=lambda tokenizer, name: tokenizer or name)
@@ -43,10 +48,29 @@ class DeweyCLI(LightningCLI):
         files = [Path(str(c)) for c in (config.get("config") or [])]
         experiment = files[-1].stem if files else "base"
         logger = config.get("trainer", {}).get("logger")
+        init = None
         if isinstance(logger, dict) or hasattr(logger, "init_args"):
             init = logger["init_args"] if isinstance(logger, dict) else logger.init_args
             if init.get("name") in (None, "", "auto"):
                 init["name"] = experiment
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self._resume(init)
+
+    @staticmethod
+    def _resume(logger_args) -> str | None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's runs; the resumed run
+        logs into the same version directory, so its curves continue the killed run's."""
+        if logger_args is None:
+            raise ValueError("--ckpt_path last needs trainer.logger (the run directory); give a checkpoint path")
+        root = Path(logger_args.get("save_dir") or "runs") / str(logger_args.get("name"))
+        found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            print(f"resume: no last.ckpt under {root}; starting from scratch", file=sys.stderr)
+            return None
+        ckpt = found[-1]
+        logger_args["version"] = ckpt.parent.parent.name
+        print(f"resume: {ckpt}", file=sys.stderr)
+        return str(ckpt)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -70,6 +94,11 @@ def main(args: list[str] | None = None) -> None:
 
             export_main(argv[1:])
             return
+        if argv[:1] == ["cache"]:  # stats / verify / gc of a teacher cache directory
+            from dewey_lab.cache_cli import main as cache_main
+
+            cache_main(argv[1:])
+            return
         if argv[:1] == ["sweep"]:  # every variant of a study, each its own run
             run_sweep(argv[1:])
             return
@@ -79,7 +108,8 @@ def main(args: list[str] | None = None) -> None:
             args = argv
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                 trainer_defaults={"callbacks": [RunInfo()]})  # added to whatever callbacks a config lists
+                 trainer_defaults={"callbacks": [RunInfo()],  # added to whatever callbacks a config lists
+                                   "plugins": [SafeCheckpointIO()]})  # atomic, finite checkpoints
     except (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError) as err:
         if os.environ.get("DEWEY_TRACEBACK"):
             raise

@@ -33,7 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from dewey_lab.chunking import Chunker, Span, char_spans_to_token_spans
 from dewey_lab.corpus import CorpusSource, MixtureCorpus, PydocCorpus
-from dewey_lab.packing import TokenBudgetBatchSampler, first_fit_decreasing
+from dewey_lab.packing import (
+    FixedBatchSampler,
+    ResumableLoader,
+    TokenBudgetBatchSampler,
+    first_fit_decreasing,
+)
 from dewey_lab.resolve import OFFLINE_TEACHER
 from dewey_lab.student import load_tokenizer
 from dewey_lab.teacher import SentenceTransformerTeacher, Teacher
@@ -250,10 +255,16 @@ class DistillDataModule(L.LightningDataModule):
             lengths = [e.n_tokens for e in data.examples]
             sampler = TokenBudgetBatchSampler(lengths, self.batch_tokens, packed=self.pack, seed=self.seed,
                                               shuffle=shuffle)
+        else:
+            sampler = FixedBatchSampler(len(data), self.batch_size, seed=self.seed, shuffle=shuffle,
+                                        drop_last=shuffle)
+        if not shuffle:
             return DataLoader(data, batch_sampler=sampler, **common)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=g if shuffle else None,
-                          drop_last=shuffle, **common)
+        return ResumableLoader(data, batch_sampler=sampler, batches_done=self._batches_done, **common)
+
+    def _batches_done(self) -> int:
+        """Training batches consumed so far: optimizer steps x accumulation (exact in a checkpoint)."""
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

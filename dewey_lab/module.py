@@ -49,6 +49,7 @@ class DistillModule(L.LightningModule):
         warmup_steps: int = 2000,
         weight_decay: float = 0.0,
         compile: bool | str = False,
+        max_bad_steps: int = 20,
     ) -> None:
         """
         Args:
@@ -65,6 +66,8 @@ class DistillModule(L.LightningModule):
             weight_decay: StableAdamW weight decay (paper: 0).
             compile: ``torch.compile`` the student (dynamic shapes): ``true`` for inductor, or a
                 backend name. Off by default: it pays back on GPU runs of hours, not on a CPU smoke run.
+            max_bad_steps: steps with a non-finite loss or gradient are skipped (no weight update)
+                and counted (``train/skipped_steps``); past this many the run stops with a message.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["whole_pooling", "chunk_pooling", "cosine", "similarity"])
@@ -85,6 +88,7 @@ class DistillModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
         self.teacher_means: dict[str, Tensor] = {}
         self.compile_backend = "inductor" if compile is True else compile or None
+        self.max_bad_steps, self.bad_steps = max_bad_steps, 0
 
     def configure_model(self) -> None:
         if not self.compile_backend or getattr(self, "_compiled", False):
@@ -143,15 +147,47 @@ class DistillModule(L.LightningModule):
                 total = total + term.weight * value
         return total, parts
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         total, parts = self.compute_losses(batch, self(batch))
         B = batch["doc_row"].numel()  # texts, whatever the number of rows
+        if not torch.isfinite(total):  # returning None skips backward and the optimizer step
+            self._bad_step("loss")
+            return None
         self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=B)
         self.log("train/loss", total, prog_bar=True, batch_size=B)
         self.log("train/chunks_per_batch", float(batch["chunk_row"].numel()), batch_size=B)
         mask = batch["attention_mask"]  # padding share of the tokens computed: what packing removes
         self.log("train/padding", 1.0 - float(mask.sum()) / mask.numel(), batch_size=B)
         return total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).isfinite().all()):
+            for p in self.parameters():  # optimizers skip parameters without a gradient: no update at all
+                p.grad = None
+            self._bad_step("gradient")
+
+    def _bad_step(self, what: str) -> None:
+        self.bad_steps += 1
+        self.log("train/skipped_steps", float(self.bad_steps), batch_size=1)
+        log.warning("step %d: non-finite %s; step skipped (%d so far, limit model.max_bad_steps=%d)",
+                    self.global_step, what, self.bad_steps, self.max_bad_steps)
+        if self.bad_steps > self.max_bad_steps:
+            raise RuntimeError(f"{self.bad_steps} steps had a non-finite loss or gradient (limit model.max_bad_steps="
+                               f"{self.max_bad_steps}); the saved checkpoints are finite. Lower model.lr, use "
+                               "trainer.precision bf16-mixed rather than 16-mixed, or check the data")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dewey_lab"] = {"bad_steps": self.bad_steps, "torch_rng": torch.get_rng_state(),
+                                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("dewey_lab")
+        if state:  # a resumed run continues the count and the random stream (dropout, if any)
+            self.bad_steps = state["bad_steps"]
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         emb = self(batch)

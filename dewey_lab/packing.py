@@ -16,9 +16,9 @@ Two independent switches under ``data``:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -111,8 +111,85 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        yield from next_epoch(self)
 
     def __len__(self) -> int:
         return len(self._batches())
 
+
+class FixedBatchSampler(Sampler[list[int]]):
+    """``batch_size`` texts per batch from an ``EpochPermutation``: the same batches for the same
+    (seed, epoch), so a resumed run can skip exactly the batches it had done."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.sampler = EpochPermutation(n, seed, shuffle)
+
+    def _batches(self) -> list[list[int]]:
+        order = list(self.sampler)
+        cut = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        return [order[i:i + self.batch_size] for i in range(0, cut, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from next_epoch(self)
+
+    def __len__(self) -> int:
+        n = self.sampler.n
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def next_epoch(sampler) -> list[list[int]]:
+    """The batches of the sampler's next epoch (its own count, not the trainer's), minus those a
+    resumed run had already trained on.
+
+    Called when the first batch is asked for (the samplers' ``__iter__`` are generators). A
+    sampler with ``start_at`` (a callable: batches done since training began) first seeks there;
+    by then a checkpoint's step is restored, even if the iterator was created before. The epoch
+    count is the sampler's own because Lightning's is one behind after resuming from a checkpoint
+    written on an epoch's last batch.
+    """
+    start_at = getattr(sampler, "start_at", None)
+    if start_at is not None:
+        sampler.start_at = None
+        seek(sampler, start_at())
+    epoch, skip = getattr(sampler, "cursor", 0), getattr(sampler, "skip", 0)
+    sampler.sampler.set_epoch(epoch)
+    sampler.cursor, sampler.skip = epoch + 1, 0
+    return sampler._batches()[skip:]
+
+
+def seek(sampler, batches_done: int) -> None:
+    """Point a batch sampler at the batch that follows ``batches_done`` batches since the start of
+    training: epoch by epoch, from the lengths of its deterministic (seed, epoch) epochs."""
+    epoch = 0
+    while True:
+        sampler.sampler.set_epoch(epoch)
+        n = len(sampler)
+        if batches_done < n or n == 0:
+            break
+        batches_done -= n
+        epoch += 1
+    sampler.cursor, sampler.skip = epoch, batches_done
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch exactly where training stopped.
+
+    When the first batch of a process is asked for, the batch sampler seeks to the batch after
+    ``batches_done()`` (optimizer steps x accumulation: the one exact count a checkpoint
+    restores; Lightning's own epoch and batch counters are not settled yet at that point, and a
+    checkpoint written on an epoch's last batch is one epoch behind). A fresh run seeks to batch
+    0. So a resumed run sees the batches the uninterrupted one would have, in the same order.
+    ``state_dict`` / ``load_state_dict`` tell Lightning the loader is resumable.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self.batch_sampler.start_at = batches_done
+
+    def state_dict(self) -> dict:
+        return {"batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.start_at = self.batches_done  # seek again on the next first batch
