@@ -113,7 +113,18 @@ def main(args: list[str] | None = None) -> None:
     except (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError) as err:
         if os.environ.get("DEWEY_TRACEBACK"):
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        line = one_line(err)
+        unknown = re.search(r"does not accept option '([\w.]+)'", line)
+        if unknown:  # name the nearest real key (the merged defaults know them all)
+            import difflib
+
+            from dewey_lab.sweep import _flatten
+
+            known = [k for k, _ in _flatten(merged_config(["fit"], parser_kwargs))]
+            near = difflib.get_close_matches(unknown.group(1), known, n=1, cutoff=0.6)
+            if near:
+                line = f"unknown key {unknown.group(1)}; did you mean {near[0]}?"
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -193,6 +204,11 @@ def one_line(err: BaseException) -> str:
     key = re.search(r'Parser key "([^"]+)"', text)
     cls = re.search(r"Problem with given class_path '([^']+)'", text)
     base = re.search(r"Subtypes: \[<class '([\w.]+)'>", text)
+    required = re.search(r"the following arguments are required: ([\w, ]+)", text)
+    if key and cls and required:  # a known class missing a value it needs
+        names = [n.strip() for n in required.group(1).split(",")]
+        return (f"{key.group(1)}: {cls.group(1)} needs {', '.join(names)}; set "
+                + ", ".join(f"{key.group(1)}.init_args.{n}" for n in names))
     if key and cls and base:
         module, _, name = base.group(1).rpartition(".")
         base_cls = getattr(importlib.import_module(module), name)

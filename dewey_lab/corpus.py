@@ -154,18 +154,34 @@ class JsonlCorpus(_RecordCorpus):
     _kind = ".jsonl"
 
     def _raw(self) -> Iterator[tuple[str, str]]:
+        """Records of every file. Bytes that are not UTF-8 become U+FFFD (counted, logged); raw
+        control characters inside strings are accepted; a last line cut off without its newline
+        (a writer killed mid-line) is skipped with a warning. A bad line elsewhere is an error."""
         for file in self._files():
             opener = gzip.open if file.name.endswith(".gz") else open
-            with opener(file, "rt", encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if line.strip():  # tolerate blank lines (e.g. a trailing newline)
-                        yield self._parse(line, file.name, line_no)
+            bad_utf8 = 0
+            with opener(file, "rt", encoding="utf-8", errors="replace") as f:
+                try:
+                    for line_no, line in enumerate(f, start=1):
+                        if not line.strip():  # tolerate blank lines (e.g. a trailing newline)
+                            continue
+                        bad_utf8 += "\ufffd" in line
+                        row = self._parse(line, file.name, line_no, last=not line.endswith("\n"))
+                        if row is not None:
+                            yield row
+                except EOFError:  # a .gz cut short
+                    log.warning("%s ends early (truncated gzip); read what was there", file.name)
+            if bad_utf8:
+                log.warning("%s: %d lines had bytes that are not UTF-8, replaced with U+FFFD", file.name, bad_utf8)
 
-    def _parse(self, line: str, name: str, line_no: int) -> tuple[str, str]:
+    def _parse(self, line: str, name: str, line_no: int, last: bool = False) -> tuple[str, str] | None:
         where = f"{name}:{line_no}"
         try:
-            row = json.loads(line)
+            row = json.loads(line, strict=False)  # strict=False: raw control characters in strings
         except json.JSONDecodeError as exc:
+            if last:
+                log.warning("%s: last line cut off mid-record (no newline, invalid JSON): skipped", where)
+                return None
             raise ValueError(
                 f"{where}: invalid JSON ({exc.msg}); expected one object with {self.text_field!r} per line"
             ) from None

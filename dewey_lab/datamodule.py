@@ -157,9 +157,9 @@ class DistillDataModule(L.LightningDataModule):
             t0 = time.perf_counter()
             self._examples = self._build_examples()
             n_chunks = sum(len(e.chunks) for e in self._examples["train"])
-            log.info("data: %d train / %d val windows, %d train chunks, %d empty documents skipped (%.1fs)",
-                     len(self._examples["train"]), len(self._examples["val"]), n_chunks,
-                     self.corpus.skipped_empty, time.perf_counter() - t0)
+            log.info("data: %d train / %d val windows, %d train chunks, %d empty and %d duplicate documents "
+                     "skipped (%.1fs)", len(self._examples["train"]), len(self._examples["val"]), n_chunks,
+                     self.corpus.skipped_empty, self.duplicates_skipped, time.perf_counter() - t0)
         return self._examples
 
     def _build_examples(self) -> dict[str, list[Example]]:
@@ -171,11 +171,26 @@ class DistillDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_length {self.max_length} leaves {budget} tokens after special and prompt "
                              "tokens; raise data.max_length or shorten data.prompt")
         out: dict[str, list[Example]] = {"train": [], "val": []}
-        docs = list(self.corpus.documents())
+        docs, seen, self.duplicates_skipped = [], set(), 0
+        for doc in self.corpus.documents():  # an exact duplicate would only weigh its text twice
+            digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()
+            if digest in seen:
+                self.duplicates_skipped += 1
+                continue
+            seen.add(digest)
+            docs.append(doc)
+        windows = 1 if self.overflow == "truncate" else self.max_windows_per_doc
+        need = None if windows is None else budget * windows + 1  # tokens a document can use at most
         for i in range(0, len(docs), 256):
             block = docs[i:i + 256]
-            enc = tok([d.text for d in block], add_special_tokens=False, return_offsets_mapping=True)
-            for doc, offsets in zip(block, enc["offset_mapping"]):
+            heads = [_head(d.text, need) for d in block]  # a 10M-character document: tokenise what is used
+            enc = tok(heads, add_special_tokens=False, return_offsets_mapping=True)
+            for doc, head, offsets in zip(block, heads, enc["offset_mapping"]):
+                while need is not None and len(offsets) < need and len(head) < len(doc.text):
+                    head = _head(doc.text, need, len(head) * 4)  # a head with too few tokens: read further
+                    offsets = tok(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                if len(head) < len(doc.text):
+                    offsets = offsets[:-1]  # the last token may be a word cut by the head
                 if not offsets:  # e.g. only control characters: nothing the student could read
                     continue
                 split = "val" if _unit_hash(doc.doc_id) < self.val_fraction else "train"
@@ -372,6 +387,13 @@ def collate(items: list[dict], pad_id: int = 0, pack_length: int | None = None) 
 def example_keys(fingerprint: str, ex: Example) -> tuple[bytes, list[bytes]]:
     """Cache keys of a window and of each of its chunks under one teacher."""
     return cache_key(fingerprint, ex.text), [cache_key(fingerprint, ex.text[s:e]) for s, e in ex.chunks]
+
+
+def _head(text: str, tokens: int | None, chars: int | None = None) -> str:
+    """The start of ``text`` likely to hold ``tokens`` tokens (16 characters a token), or all of it."""
+    if tokens is None:
+        return text
+    return text[: chars or tokens * 16]
 
 
 def _unit_hash(s: str) -> float:
