@@ -51,8 +51,7 @@ class LoggingTeacher(Teacher):
     def encode(self, texts):
         time.sleep(self.delay)
         with open(self.log, "a", encoding="utf-8") as f:
-            for t in texts:
-                f.write(t.encode("utf-8", "surrogatepass").hex() + "\n")
+            f.writelines(t.encode("utf-8", "surrogatepass").hex() + "\n" for t in texts)
             f.flush()
             os.fsync(f.fileno())
         return vectors_of(texts, self.dim)

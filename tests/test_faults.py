@@ -66,7 +66,7 @@ def test_teacher_fill_killed_three_times_loses_nothing_and_recomputes_nothing_st
     texts = _fill_texts(small_corpus_path, cache_dir)
     by_text = {t: k for k, t in texts.items()}
     rng = random.Random(8)
-    kill_after = sorted(rng.sample(range(40, len(texts) - 40), 3))  # texts embedded before each kill
+    kill_after = [rng.randrange(20, len(texts) // 4) for _ in range(3)]  # texts each killed run embeds first
     report, stored_before, stored = [], set(), set()
     for attempt in range(4):
         log = tmp_path / f"embedded_{attempt}.log"
@@ -74,7 +74,7 @@ def test_teacher_fill_killed_three_times_loses_nothing_and_recomputes_nothing_st
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < 3:
             deadline = time.time() + 120
-            while len(_embedded(log)) - 0 < kill_after[attempt] - len(stored) and time.time() < deadline:
+            while len(_embedded(log)) < kill_after[attempt] and time.time() < deadline:
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 time.sleep(0.01)
             proc.send_signal(signal.SIGKILL)
@@ -116,7 +116,7 @@ def _curve(run_dir: Path) -> dict[int, float]:
 def _fit(cwd: Path, *configs: str, resume: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", "-c", TINY, *(a for c in configs for a in ("-c", c))]
     return subprocess.run(cmd + (["--ckpt_path", "last"] if resume else []), cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
 
 
 def test_fit_killed_three_times_resumes_onto_the_uninterrupted_loss_curve(small_corpus_path, shared_cache_dir, tmp_path):

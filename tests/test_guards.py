@@ -54,7 +54,7 @@ def _fit(small_corpus_path, cache, tmp_path, sabotage, steps=6, **module_kw):
 
 def test_bad_steps_are_skipped_counted_and_leave_weights_finite(small_corpus_path, counting_cache, tmp_path):
     sabotage = Sabotage(loss_steps={1}, grad_steps={3})
-    module, trainer = _fit(small_corpus_path, counting_cache, tmp_path, sabotage)
+    module, _ = _fit(small_corpus_path, counting_cache, tmp_path, sabotage)
     assert module.bad_steps == 2
     # the loss step returns no loss (Lightning runs no backward and no optimizer step), the gradient
     # step drops every gradient: neither moves a weight; every other step does (but step 0, whose
