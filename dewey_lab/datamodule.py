@@ -278,7 +278,10 @@ class DistillDataModule(L.LightningDataModule):
         return ResumableLoader(data, batch_sampler=sampler, batches_done=self._batches_done, **common)
 
     def _batches_done(self) -> int:
-        """Training batches consumed so far: optimizer steps x accumulation (exact in a checkpoint)."""
+        """Training batches consumed so far: optimizer steps x accumulation (exact in a checkpoint);
+        0 outside a trainer (a loader iterated by hand starts at the beginning)."""
+        if self.trainer is None:
+            return 0
         return self.trainer.global_step * self.trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,71 @@
+"""``dewey-lab cache stats|verify|gc DIR``: look after a teacher (or evaluation) cache directory.
+
+    dewey-lab cache stats  data/teacher_cache           # vectors, shards, bytes, bytes per vector
+    dewey-lab cache verify data/teacher_cache [--repair]  # crc of every row; --repair drops bad entries
+    dewey-lab cache gc     data/teacher_cache           # compact: drop rows no key points to
+
+``verify`` exits 1 when it finds bad entries it did not repair. ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dewey_lab.teacher_cache import INDEX_NAME, LEGACY_NAME, TeacherCache
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dewey-lab cache", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("stats", "verify", "gc"))
+    p.add_argument("dir", help="the cache directory (data.cache_dir)")
+    p.add_argument("--repair", action="store_true", help="verify: delete bad entries so the next fill recomputes them")
+    p.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                   help="the storage dtype to expect (default: whatever the store holds)")
+    p.add_argument("--max_shard_bytes", type=int, default=1 << 30, help="gc: size of the shards it writes")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    a = p.parse_args(argv)
+    path = Path(a.dir)
+    if not (path / INDEX_NAME).exists() and not (path / LEGACY_NAME).exists():
+        raise FileNotFoundError(f"no teacher cache at {path} (no {INDEX_NAME}); pass the directory data.cache_dir names")
+    if a.repair and a.command != "verify":
+        p.error("--repair goes with verify")
+    cache = TeacherCache(path, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes)
+    try:
+        if a.command == "stats":
+            out = cache.stats()
+        elif a.command == "verify":
+            out = cache.verify(repair=a.repair)
+        else:
+            out = cache.gc()
+    finally:
+        cache.close()
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(_table(out))
+    if a.command == "verify" and out["bad"] and not a.repair:
+        sys.exit(1)
+
+
+def _table(d: dict) -> str:
+    width = max(map(len, d))
+    return "\n".join(f"{k:<{width}}  {_fmt(k, v)}" for k, v in d.items())
+
+
+def _fmt(key: str, v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int) and (key.startswith("bytes_") or key.endswith("_bytes")) and v >= 1 << 20:
+        return f"{v:,} ({v / 2**30:.2f} GiB)" if v >= 1 << 30 else f"{v:,} ({v / 2**20:.1f} MiB)"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) or "-"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()
