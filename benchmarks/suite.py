@@ -14,6 +14,8 @@ Sections, each on the same student, data and batch within it:
 * ``multivector``: chunk vectors of one passage, one pass (late chunking) against one pass per
   chunk, at 1k / 4k / 16k tokens.
 * ``long``: one long passage's forward time and peak memory at 2k / 8k / 32k tokens.
+* ``cache``: the teacher cache's write / read / lookup throughput and size per million vectors
+  (``benchmarks/cache_throughput.py``).
 * ``gpu`` (CUDA only): ModernBERT-base/-large shapes at 2048 in bf16: tokens/s and model FLOP
   utilisation, flash-attn against SDPA, packed against padded.
 
@@ -40,7 +42,7 @@ import torch
 from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["fill", "train", "st", "multivector", "long", "gpu"]
+SECTIONS = ["fill", "train", "st", "multivector", "long", "cache", "gpu"]
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
         "max_position_embeddings": 131072}  # tiny.yaml's student
 SHAPES = {  # ModernBERT-base / -large (answerdotai config.json), random init: no hub needed
@@ -268,7 +270,8 @@ class Report:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS))
-    p.add_argument("--out", default=str(REPO / "results" / "bench.md"))
+    p.add_argument("--out", default=None, help="default: results/bench.md for every section, else "
+                   "results/bench-<sections>.md (a partial run never overwrites the full report)")
     p.add_argument("--work", default=str(REPO / "results" / "bench_work"), help="teacher cache and checkpoints")
     p.add_argument("--max-length", type=int, default=2048, help="training window (the paper's 2048)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -292,6 +295,9 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown section {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     argv = sys.argv[1:]
+    if a.out is None:
+        full = set(sections) == set(SECTIONS)
+        a.out = str(REPO / "results" / ("bench.md" if full else f"bench-{'-'.join(sections)}.md"))
     report = Report(Path(a.out), argv)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     common = [f"--work={a.work}", f"--max-length={a.max_length}", f"--batch-size={a.batch_size}",
@@ -370,6 +376,16 @@ def main() -> None:
             "| tokens | path | seconds | peak RSS (MiB) | growth over the model load (MiB; 0: below its peak) |", "|---:|---|---:|---:|---:|",
             *[f"| {r['length']:,} | {r['path']} | " + (f"failed: {r['error']} | | |" if "error" in r else
               f"{r['seconds']} | {r['peak_mib']:,} | {r['peak_mib'] - r['model_mib']:,} |") for r in rows]])
+    if "cache" in sections:
+        import subprocess
+
+        script = str(Path(__file__).parent / "cache_throughput.py")
+        out = subprocess.run([sys.executable, script], capture_output=True, text=True, check=False)
+        if out.returncode:
+            sys.exit(f"error: {script} failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+        first, *table = out.stdout.strip().splitlines()
+        report.add(["## Teacher cache: throughput and size", "",
+                    f"`python {Path(script).relative_to(REPO)}`: {first}", "", *table])
     if "gpu" in sections:
         if not torch.cuda.is_available():
             report.add(["## GPU", "", ("Not run: no CUDA device here. On a GPU machine: "
