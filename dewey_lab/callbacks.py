@@ -197,10 +197,11 @@ class RunInfo(L.Callback):
 
         from dewey_lab.files import atomic_write
 
-        if trainer.is_global_zero and trainer.log_dir:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
+        if trainer.is_global_zero and log_dir:
             from pathlib import Path
 
-            atomic_write(Path(trainer.log_dir) / "run_info.json", json.dumps(self.info, indent=2, default=str) + "\n")
+            atomic_write(Path(log_dir) / "run_info.json", json.dumps(self.info, indent=2, default=str) + "\n")
 
 
 def _git_revision() -> dict:

@@ -242,6 +242,10 @@ class DistillDataModule(L.LightningDataModule):
 
     # -- datasets ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError("several ranks: set trainer.use_distributed_sampler: false (data.batch_size is the "
+                             "global batch; our samplers give each rank its share, balanced by tokens)")
         ex = self.examples()
         self.teacher_dim = self.cache.dim
         if self.teacher_dim is None:
@@ -272,7 +276,7 @@ class DistillDataModule(L.LightningDataModule):
                                               shuffle=shuffle)
         else:
             sampler = FixedBatchSampler(len(data), self.batch_size, seed=self.seed, shuffle=shuffle,
-                                        drop_last=shuffle)
+                                        drop_last=shuffle, lengths=[e.n_tokens for e in data.examples])
         if not shuffle:
             return DataLoader(data, batch_sampler=sampler, **common)
         return ResumableLoader(data, batch_sampler=sampler, batches_done=self._batches_done, **common)

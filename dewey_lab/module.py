@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from transformers import get_linear_schedule_with_warmup
 
 from dewey_lab.attention import forward_rows
+from dewey_lab.distributed import gather_rows
 from dewey_lab.losses import CosineLoss, LossTerm, SimilarityLoss
 from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
 from dewey_lab.student import StudentConfig, build_student
@@ -107,7 +108,11 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"teacher vectors are {teacher_dim}-d but the student outputs {hidden}-d and "
                              "model.projection is none; set model.projection: auto (adds a linear head)")
         linear = self.projection_mode == "linear" or (self.projection_mode == "auto" and hidden != teacher_dim)
-        self.projection = nn.Linear(hidden, teacher_dim) if linear else nn.Identity()
+        # built in setup, where the global RNG has been used differently by 1 or N processes: seed it
+        # from the run's seed so one process and DDP start from the same head
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed())
+            self.projection = nn.Linear(hidden, teacher_dim) if linear else nn.Identity()
         self.hparams["teacher_dim"] = teacher_dim  # checkpoints rebuild the same head
 
     def setup(self, stage: str) -> None:
@@ -136,7 +141,9 @@ class DistillModule(L.LightningModule):
         return {"whole": whole, "chunk": chunk}
 
     def compute_losses(self, batch: dict[str, Tensor], emb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        pairs = {"whole": (emb["whole"], batch["t_whole"]), "chunk": (emb["chunk"], batch["t_chunk"])}
+        # the global batch on every rank (one process: this batch): in-batch similarities span all ranks
+        pairs = {kind: (gather_rows(emb[kind]), gather_rows(batch[f"t_{kind}"].to(emb[kind].device)))
+                 for kind in ("whole", "chunk")}
         total, parts = emb["whole"].new_zeros((), dtype=torch.float32), {}
         for term in self.loss_terms:
             term: LossTerm

@@ -11,6 +11,10 @@ Two independent switches under ``data``:
 * ``batch_tokens: N`` cuts batches to a token budget instead of ``batch_size`` texts: sorted by
   length within pools when padded (little padding), in shuffled order when packed (packing leaves
   no padding to save). The number of texts per batch then varies.
+
+Both batch samplers make *global* batches (``data.batch_size`` texts, or ``data.batch_tokens``
+tokens, per optimizer step over all ranks): under DDP each rank takes its share of every global
+batch, split by token count (``distributed.balance``), and the loss gathers the global batch back.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 
 from torch.utils.data import DataLoader, Sampler
+
+from dewey_lab.distributed import balance, world
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -121,8 +127,9 @@ class FixedBatchSampler(Sampler[list[int]]):
     """``batch_size`` texts per batch from an ``EpochPermutation``: the same batches for the same
     (seed, epoch), so a resumed run can skip exactly the batches it had done."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
-        self.batch_size, self.drop_last = batch_size, drop_last
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 lengths: Sequence[int] | None = None) -> None:
+        self.batch_size, self.drop_last, self.lengths = batch_size, drop_last, lengths
         self.sampler = EpochPermutation(n, seed, shuffle)
 
     def _batches(self) -> list[list[int]]:
@@ -155,7 +162,18 @@ def next_epoch(sampler) -> list[list[int]]:
     epoch, skip = getattr(sampler, "cursor", 0), getattr(sampler, "skip", 0)
     sampler.sampler.set_epoch(epoch)
     sampler.cursor, sampler.skip = epoch + 1, 0
-    return sampler._batches()[skip:]
+    return rank_share(sampler._batches()[skip:], getattr(sampler, "lengths", None))
+
+
+def rank_share(batches: list[list[int]], lengths: Sequence[int] | None) -> list[list[int]]:
+    """This rank's part of each global batch, split by token count across ranks (one process:
+    the batches themselves). Every rank sees the same number of batches, so DDP stays in step."""
+    rank, size = world()
+    if size == 1:
+        return batches
+    if lengths is None:
+        raise ValueError("splitting batches over ranks needs the texts' token counts (lengths=)")
+    return [[b[i] for i in balance([lengths[j] for j in b], size)[rank]] for b in batches]
 
 
 def seek(sampler, batches_done: int) -> None:
