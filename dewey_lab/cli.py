@@ -99,6 +99,9 @@ def main(args: list[str] | None = None) -> None:
 
             cache_main(argv[1:])
             return
+        if argv[:1] == ["fill"]:  # the teacher fill alone (a CPU/GPU job, or one of an array with --data.fill_shard)
+            fill(argv[1:], parser_kwargs)
+            return
         if argv[:1] == ["sweep"]:  # every variant of a study, each its own run
             run_sweep(argv[1:])
             return
@@ -140,6 +143,23 @@ def merged_config(argv: list[str], parser_kwargs: dict) -> dict:
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=[*argv, "--print_config"],
                  auto_configure_optimizers=False)
     return yaml.safe_load(out.getvalue()) or {}
+
+
+def fill(argv: list[str], parser_kwargs: dict) -> None:
+    """``dewey-lab fill -c <experiment>.yaml [--data.fill_shard k/N]``: fill the teacher cache for an
+    experiment's data without building a student or a trainer. N jobs with shards 0/N ... N-1/N
+    fill one cache together (one writer per process), each text embedded once."""
+    from jsonargparse import ArgumentParser
+
+    check_config_files(["fit", *argv])
+    config = merged_config(["fit", *argv], parser_kwargs)
+    data = config.get("data") or {}
+    student = (config.get("model") or {}).get("student") or {}
+    data["tokenizer"] = student.get("tokenizer") or student.get("name_or_path") or data.get("tokenizer")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DistillDataModule, "data")
+    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    dm.prepare_data()
 
 
 def run_sweep(argv: list[str]) -> None:

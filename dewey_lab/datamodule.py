@@ -89,6 +89,7 @@ class DistillDataModule(L.LightningDataModule):
         cache_dir: str = "data/teacher_cache",
         cache_dtype: Literal["float32", "float16"] = "float32",
         fill_block: int = 2048,
+        fill_shard: str | None = None,
         seed: int = 0,
     ) -> None:
         """
@@ -115,6 +116,8 @@ class DistillDataModule(L.LightningDataModule):
             cache_dir: teacher embedding cache (content-addressed; shared by every run).
             cache_dtype: storage precision of cached vectors.
             fill_block: texts per teacher call + cache commit during the fill (a kill loses at most one).
+            fill_shard: ``"k/N"``: this process embeds only the k-th of N disjoint shards of the texts
+                (by key), e.g. one job of a ``dewey-lab fill`` array; the cache takes N writers at once.
             seed: seeds chunking and shuffling.
         """
         super().__init__()
@@ -140,6 +143,7 @@ class DistillDataModule(L.LightningDataModule):
         self.pack_length = (pack_length or max_length) if pack else None
         self.cache = TeacherCache(cache_dir, cache_dtype)
         self.fill_block = fill_block
+        self.fill_shard = _parse_shard(fill_shard)
         self.fill_stats: FillStats | None = None
         self._examples: dict[str, list[Example]] | None = None
         self.teacher_means: dict[str, torch.Tensor] = {}
@@ -220,6 +224,9 @@ class DistillDataModule(L.LightningDataModule):
                 whole, chunks = self._keys(ex)
                 texts[whole] = ex.text
                 texts.update(zip(chunks, (ex.text[s:e] for s, e in ex.chunks)))
+        if self.fill_shard is not None:  # a disjoint share of the keys: N processes, no text twice
+            k, n = self.fill_shard
+            texts = {key: t for key, t in texts.items() if int.from_bytes(key[:8], "little") % n == k}
         missing = self.cache.missing(texts)
         stats = FillStats(len(texts), len(texts) - len(missing), len(missing))
         if missing:
@@ -401,6 +408,18 @@ def _head(text: str, tokens: int | None, chars: int | None = None) -> str:
     if tokens is None:
         return text
     return text[: chars or tokens * 16]
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    try:
+        k, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise ValueError(f"data.fill_shard must be 'k/N' with 0 <= k < N (e.g. 0/4), got {shard!r}")
+    return k, n
 
 
 def _unit_hash(s: str) -> float:

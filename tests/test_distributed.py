@@ -72,32 +72,31 @@ def test_two_process_ddp_follows_the_single_process_loss(small_corpus_path, shar
     assert diff < 1e-4, (curves[1], curves[2])
 
 
-FILL = """
-import sys
-from faults import LoggingTeacher
-from dewey_lab.corpus import JsonlCorpus
-from dewey_lab.datamodule import DistillDataModule
-corpus, cache, log = sys.argv[1:4]
-DistillDataModule(corpus=JsonlCorpus(corpus), teacher=LoggingTeacher(log, delay=0.0), cache_dir=cache,
-                  max_length=96, overflow="split", val_fraction=0.2, fill_block=32).prepare_data()
-"""
-
-
-def test_two_processes_filling_one_cache_at_once_leave_one_consistent_cache(small_corpus_path, tmp_path):
+def test_two_fill_jobs_share_one_cache_without_embedding_a_text_twice(small_corpus_path, tmp_path):
+    """``dewey-lab fill --data.fill_shard k/2`` twice at once: disjoint work, one consistent cache."""
     from faults import vectors_of
 
-    cache_dir = tmp_path / "cache"
-    procs = [subprocess.Popen([sys.executable, "-c", FILL, str(small_corpus_path), str(cache_dir),
-                               str(tmp_path / f"log{i}")], env=ENV, stderr=subprocess.PIPE) for i in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
-    cache = TeacherCache(cache_dir)
-    report = cache.verify()
-    logged = [bytes.fromhex(x).decode() for i in range(2) for x in (tmp_path / f"log{i}").read_text().split()]
-    texts = sorted(set(logged))
     from dewey_lab.teacher_cache import cache_key
 
+    cache_dir = tmp_path / "cache"
+    procs = []
+    for k in range(2):
+        cfg = tmp_path / f"fill{k}.yaml"
+        cfg.write_text(yaml.safe_dump({"data": {
+            "corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
+            "teacher": {"class_path": "faults.LoggingTeacher", "init_args": {"log": str(tmp_path / f"log{k}")}},
+            "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": None, "fill_block": 32}}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "dewey_lab.cli", "fill", "-c", TINY, "-c", str(cfg),
+                                       "--data.fill_shard", f"{k}/2"], env=ENV, cwd=tmp_path,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    logs = [[bytes.fromhex(x).decode() for x in (tmp_path / f"log{k}").read_text().split()] for k in range(2)]
+    assert logs[0] and logs[1] and not set(logs[0]) & set(logs[1])  # both worked, never on the same text
+    texts = sorted(logs[0] + logs[1])
+    assert len(texts) == len(set(texts))
+    cache = TeacherCache(cache_dir)
     keys = [cache_key("logging-12", t) for t in texts]
-    assert cache.missing(keys) == [] and len(cache) == len(texts)  # every text once
+    assert cache.missing(keys) == [] and len(cache) == len(texts)
     assert cache.get_many(keys).tolist() == vectors_of(texts).tolist()
-    assert not report.get("bad_keys"), report
+    assert cache.verify()["bad"] == 0
