@@ -3,6 +3,7 @@
     dewey-lab cache stats  data/teacher_cache           # vectors, shards, bytes, bytes per vector
     dewey-lab cache verify data/teacher_cache [--repair]  # crc of every row; --repair drops bad entries
     dewey-lab cache gc     data/teacher_cache           # compact: drop rows no key points to
+    dewey-lab cache merge  data/teacher_cache node1/cache node2/cache  # copy in what the others hold
 
 ``verify`` exits 1 when it finds bad entries it did not repair. ``--json`` prints one JSON object.
 """
@@ -19,8 +20,9 @@ from dewey_lab.teacher_cache import INDEX_NAME, LEGACY_NAME, TeacherCache
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dewey-lab cache", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("stats", "verify", "gc"))
+    p.add_argument("command", choices=("stats", "verify", "gc", "merge"))
     p.add_argument("dir", help="the cache directory (data.cache_dir)")
+    p.add_argument("sources", nargs="*", help="merge: caches whose vectors to copy into DIR")
     p.add_argument("--repair", action="store_true", help="verify: delete bad entries so the next fill recomputes them")
     p.add_argument("--dtype", choices=("float32", "float16"), default=None,
                    help="the storage dtype to expect (default: whatever the store holds)")
@@ -28,8 +30,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
     path = Path(a.dir)
-    if not (path / INDEX_NAME).exists() and not (path / LEGACY_NAME).exists():
-        raise FileNotFoundError(f"no teacher cache at {path} (no {INDEX_NAME}); pass the directory data.cache_dir names")
+    if a.command == "merge":
+        if not a.sources:
+            p.error("merge needs the caches to copy from: dewey-lab cache merge DIR SOURCE [SOURCE ...]")
+        _check(*map(Path, a.sources))
+        sources = [TeacherCache(src, dtype=None) for src in a.sources]
+        cache, out = TeacherCache(path, dtype=a.dtype or sources[0].dtype), {}
+        for src, source in zip(a.sources, sources, strict=True):
+            out[src] = cache.merge(source)
+        print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+        return
+    _check(path)
     if a.repair and a.command != "verify":
         p.error("--repair goes with verify")
     cache = TeacherCache(path, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes)
@@ -48,6 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         print(_table(out))
     if a.command == "verify" and out["bad"] and not a.repair:
         sys.exit(1)
+
+
+def _check(*paths: Path) -> None:
+    for path in paths:
+        if not (path / INDEX_NAME).exists() and not (path / LEGACY_NAME).exists():
+            raise FileNotFoundError(f"no teacher cache at {path} (no {INDEX_NAME}); pass the directory data.cache_dir names")
 
 
 def _table(d: dict) -> str:

@@ -540,6 +540,23 @@ class TeacherCache:
             last = rows[-1][0]
             yield rows
 
+    def merge(self, other: TeacherCache, block: int = 8192) -> dict:
+        """Copy every vector of ``other`` that this cache lacks (e.g. caches filled on different
+        nodes, since SQLite's WAL cannot be shared over a network filesystem). Block by block,
+        each block one commit, so a killed merge resumes where it stopped."""
+        if other.dim is not None and self.dim is not None and other.dim != self.dim:
+            raise ValueError(f"cannot merge {other.dir} ({other.dim}-d) into {self.dir} ({self.dim}-d): "
+                             "different teachers need different caches")
+        copied = seen = 0
+        for chunk in other._scan(block):
+            keys = [row[0] for row in chunk]
+            seen += len(keys)
+            new = self.missing(keys)
+            if new:
+                self.put_many(new, other.get_many(new))
+                copied += len(new)
+        return {"source_vectors": seen, "copied": copied, "already_here": seen - copied, "vectors": len(self)}
+
     def verify(self, repair: bool = False) -> dict:
         """Check every index entry against its shard: committed row, file long enough, crc32 of its bytes.
 

@@ -377,3 +377,29 @@ def test_cache_command(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["repaired"] == 10
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
         main(["stats", str(tmp_path / "nothing")])
+
+
+def test_merge_copies_what_is_missing_and_is_idempotent(tmp_path):
+    """Caches filled on different nodes merge into one: every vector once, exact, the second merge a no-op."""
+    from dewey_lab.cache_cli import main as cache_main
+
+    a, b = TeacherCache(tmp_path / "a", dtype="float16"), TeacherCache(tmp_path / "b", dtype="float16")
+    keys = [cache_key("t", str(i)) for i in range(300)]
+    vecs = _vecs(300)
+    a.put_many(keys[:200], vecs[:200])
+    b.put_many(keys[100:], vecs[100:])  # 100 keys in both
+    a.close()
+    b.close()
+    cache_main(["merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b")])
+    merged = TeacherCache(tmp_path / "all", dtype=None)
+    assert merged.dtype == "float16" and len(merged) == 300 and merged.verify()["bad"] == 0
+    np.testing.assert_array_equal(merged.get_many(keys), vecs.astype(np.float16).astype(np.float32))
+    assert merged.merge(TeacherCache(tmp_path / "b", dtype=None))["copied"] == 0
+    with pytest.raises(ValueError, match="different teachers"):
+        merged.merge(_filled(tmp_path / "other", d=16))
+
+
+def _filled(path, d):
+    c = TeacherCache(path, dtype="float16")
+    c.put_many([cache_key("u", "x")], _vecs(1, d=d))
+    return c
