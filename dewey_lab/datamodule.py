@@ -277,13 +277,13 @@ class DistillDataModule(L.LightningDataModule):
         data = self.datasets[split]
         common = {"collate_fn": self._collate, "num_workers": self.num_workers,
                   "persistent_workers": shuffle and self.num_workers > 0}
+        lengths = [e.n_tokens for e in data.examples]
         if self.batch_tokens is not None:
-            lengths = [e.n_tokens for e in data.examples]
             sampler = TokenBudgetBatchSampler(lengths, self.batch_tokens, packed=self.pack, seed=self.seed,
                                               shuffle=shuffle)
         else:
             sampler = FixedBatchSampler(len(data), self.batch_size, seed=self.seed, shuffle=shuffle,
-                                        drop_last=shuffle, lengths=[e.n_tokens for e in data.examples])
+                                        drop_last=shuffle, lengths=lengths)
         if not shuffle:
             return DataLoader(data, batch_sampler=sampler, **common)
         return ResumableLoader(data, batch_sampler=sampler, batches_done=self._batches_done, **common)

@@ -69,25 +69,70 @@ class EpochPermutation(Sampler[int]):
         return iter(order)
 
 
-class TokenBudgetBatchSampler(Sampler[list[int]]):
+class EpochBatchSampler(Sampler[list[int]]):
+    """Base of the batch samplers: global batches that are a function of (seed, epoch), served one
+    epoch per ``__iter__`` in the sampler's own epoch count, each rank taking its share.
+
+    ``_batches()`` (the current epoch's global batches) and ``__len__`` are the subclass's.
+    ``start_at`` (set by ``ResumableLoader``: a callable, batches done since training began) makes
+    the next first batch seek there; by then a checkpoint's step is restored, even if the iterator
+    was created before. The epoch count is the sampler's own because Lightning's is one behind after
+    resuming from a checkpoint written on an epoch's last batch. The inner ``sampler`` (an
+    ``EpochPermutation``) is where the epoch is set.
+    """
+
+    def __init__(self, lengths: Sequence[int] | None, n: int, seed: int, shuffle: bool) -> None:
+        self.lengths = None if lengths is None else list(lengths)
+        self.sampler = EpochPermutation(n, seed, shuffle)
+        self.cursor, self.skip = 0, 0  # the epoch the next __iter__ serves, and batches of it already done
+        self.start_at: Callable[[], int] | None = None
+
+    def _batches(self) -> list[list[int]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.next_epoch()  # a generator: runs when the first batch is asked for
+
+    def next_epoch(self) -> list[list[int]]:
+        """This rank's share of the next epoch's batches, minus those a resumed run had done."""
+        if self.start_at is not None:
+            start_at, self.start_at = self.start_at, None
+            self.seek(start_at())
+        epoch, skip = self.cursor, self.skip
+        self.sampler.set_epoch(epoch)
+        self.cursor, self.skip = epoch + 1, 0
+        return rank_share(self._batches()[skip:], self.lengths)
+
+    def seek(self, batches_done: int) -> None:
+        """Point at the batch that follows ``batches_done`` batches since the start of training:
+        epoch by epoch, from the lengths of the deterministic (seed, epoch) epochs."""
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            n = len(self)
+            if batches_done < n or n == 0:
+                break
+            batches_done -= n
+            epoch += 1
+        self.cursor, self.skip = epoch, batches_done
+
+
+class TokenBudgetBatchSampler(EpochBatchSampler):
     """Batches whose cost stays within ``max_tokens``.
 
     Cost of a batch: ``len(batch) * longest`` when padded, ``sum of lengths`` when packed. Padded
     batches come from pools of ``pool_batches`` batches' worth of texts sorted by length (similar
     lengths share a batch), and the batches are then shuffled, so each epoch mixes differently.
-    ``max_texts`` caps texts per batch. The inner ``sampler`` (an ``EpochPermutation``) is where
-    Lightning sets the epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, packed: bool = False, max_texts: int | None = None,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, pool_batches: int = 64) -> None:
+    def __init__(self, lengths: Sequence[int], max_tokens: int, packed: bool = False, seed: int = 0,
+                 shuffle: bool = True, pool_batches: int = 64) -> None:
         if max(lengths, default=0) > max_tokens:
             raise ValueError(f"data.batch_tokens {max_tokens} is smaller than one text ({max(lengths)} tokens); "
                              "raise data.batch_tokens to at least data.max_length")
-        self.lengths, self.max_tokens, self.packed = list(lengths), max_tokens, packed
-        self.max_texts, self.seed, self.shuffle, self.drop_last = max_texts, seed, shuffle, drop_last
+        super().__init__(lengths, len(lengths), seed, shuffle)
+        self.max_tokens, self.packed, self.seed, self.shuffle = max_tokens, packed, seed, shuffle
         self.pool_batches = pool_batches
-        self.sampler = EpochPermutation(len(self.lengths), seed, shuffle)
         self._cached: tuple[int, list[list[int]]] | None = None
 
     def _batches(self) -> list[list[int]]:
@@ -104,65 +149,39 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         for i in order:
             n = self.lengths[i]
             cost = (len(batch) + 1) * max(longest, n) if not self.packed else total + n
-            if batch and (cost > self.max_tokens or (self.max_texts and len(batch) >= self.max_texts)):
+            if batch and cost > self.max_tokens:
                 batches.append(batch)
                 batch, longest, total = [], 0, 0
             batch.append(i)
             longest, total = max(longest, n), total + n
-        if batch and not (self.drop_last and len(batches) > 0):
+        if batch:
             batches.append(batch)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)
         self._cached = (epoch, batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from next_epoch(self)
-
     def __len__(self) -> int:
         return len(self._batches())
 
 
-class FixedBatchSampler(Sampler[list[int]]):
+class FixedBatchSampler(EpochBatchSampler):
     """``batch_size`` texts per batch from an ``EpochPermutation``: the same batches for the same
     (seed, epoch), so a resumed run can skip exactly the batches it had done."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  lengths: Sequence[int] | None = None) -> None:
-        self.batch_size, self.drop_last, self.lengths = batch_size, drop_last, lengths
-        self.sampler = EpochPermutation(n, seed, shuffle)
+        super().__init__(lengths, n, seed, shuffle)
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def _batches(self) -> list[list[int]]:
         order = list(self.sampler)
         cut = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         return [order[i:i + self.batch_size] for i in range(0, cut, self.batch_size)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from next_epoch(self)
-
     def __len__(self) -> int:
         n = self.sampler.n
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-
-def next_epoch(sampler) -> list[list[int]]:
-    """The batches of the sampler's next epoch (its own count, not the trainer's), minus those a
-    resumed run had already trained on.
-
-    Called when the first batch is asked for (the samplers' ``__iter__`` are generators). A
-    sampler with ``start_at`` (a callable: batches done since training began) first seeks there;
-    by then a checkpoint's step is restored, even if the iterator was created before. The epoch
-    count is the sampler's own because Lightning's is one behind after resuming from a checkpoint
-    written on an epoch's last batch.
-    """
-    start_at = getattr(sampler, "start_at", None)
-    if start_at is not None:
-        sampler.start_at = None
-        seek(sampler, start_at())
-    epoch, skip = getattr(sampler, "cursor", 0), getattr(sampler, "skip", 0)
-    sampler.sampler.set_epoch(epoch)
-    sampler.cursor, sampler.skip = epoch + 1, 0
-    return rank_share(sampler._batches()[skip:], getattr(sampler, "lengths", None))
 
 
 def rank_share(batches: list[list[int]], lengths: Sequence[int] | None) -> list[list[int]]:
@@ -174,20 +193,6 @@ def rank_share(batches: list[list[int]], lengths: Sequence[int] | None) -> list[
     if lengths is None:
         raise ValueError("splitting batches over ranks needs the texts' token counts (lengths=)")
     return [[b[i] for i in balance([lengths[j] for j in b], size)[rank]] for b in batches]
-
-
-def seek(sampler, batches_done: int) -> None:
-    """Point a batch sampler at the batch that follows ``batches_done`` batches since the start of
-    training: epoch by epoch, from the lengths of its deterministic (seed, epoch) epochs."""
-    epoch = 0
-    while True:
-        sampler.sampler.set_epoch(epoch)
-        n = len(sampler)
-        if batches_done < n or n == 0:
-            break
-        batches_done -= n
-        epoch += 1
-    sampler.cursor, sampler.skip = epoch, batches_done
 
 
 class ResumableLoader(DataLoader):
