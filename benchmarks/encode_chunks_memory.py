@@ -20,7 +20,7 @@ import json
 import resource
 import time
 
-from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
+from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own folder, on sys.path
 
 
 def measure(length: int, how: str) -> dict:
@@ -35,8 +35,7 @@ def measure(length: int, how: str) -> dict:
     torch.set_num_threads(2)
     tok = load_tokenizer(OFFLINE_TEACHER)
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
-                         config={"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-                                 "num_attention_heads": 4, "max_position_embeddings": 8192})  # tiny.yaml
+                         config={**TINY_STUDENT, "max_position_embeddings": 8192})  # tiny.yaml
     model = build_student(spec, tok).eval()
     hay = default_haystack()[:200_000]  # ~40k tokens of pydoc text, repeated as needed
     ids = tok(hay, add_special_tokens=False, verbose=False)["input_ids"]

@@ -14,7 +14,7 @@ import json
 import resource
 import time
 
-from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
+from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own folder, on sys.path
 
 
 def measure(length: int, path: str) -> dict:
@@ -26,8 +26,7 @@ def measure(length: int, path: str) -> dict:
 
     torch.set_num_threads(2)
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
-                         config={"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-                                 "num_attention_heads": 4, "max_position_embeddings": 131072})
+                         config={**TINY_STUDENT, "max_position_embeddings": 131072})
     model = build_student(spec, load_tokenizer(OFFLINE_TEACHER)).eval()
     ids = torch.randint(1000, 20000, (1, length))
     mask = torch.ones_like(ids)

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from isolated import run_case  # benchmarks/ is the script's own folder, on sys.path
+from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own folder, on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["fill", "train", "st", "multivector", "long", "cache", "gpu"]
-TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "max_position_embeddings": 131072}  # tiny.yaml's student
+TINY = {**TINY_STUDENT, "max_position_embeddings": 131072}
 SHAPES = {  # ModernBERT-base / -large (answerdotai config.json), random init: no hub needed
     "base": {"hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12},
     "large": {"hidden_size": 1024, "intermediate_size": 2624, "num_hidden_layers": 28, "num_attention_heads": 16},
