@@ -488,18 +488,20 @@ def _render_pydoc_child() -> None:
 
 
 class MixtureCorpus(CorpusSource):
-    """Sources chained in order; ids become ``"{source_index}:{doc_id}"`` so they stay unique.
+    """Several sources as one; ids become ``"{source_index}:{doc_id}"`` so they stay unique.
 
     Args:
-        sources: Corpus sources, read one after another (each with its own limit).
+        sources: Corpus sources (each with its own limit).
+        interleave: take one document from each source in turn (sources that run out drop out)
+            instead of reading them one after another: a stream then mixes them from its start.
         limit: Maximum number of kept documents over the whole mixture.
     """
 
-    def __init__(self, sources: list[CorpusSource], limit: int | None = None) -> None:
+    def __init__(self, sources: list[CorpusSource], interleave: bool = False, limit: int | None = None) -> None:
         super().__init__(limit)
         if not sources:
             raise ValueError("MixtureCorpus needs at least one source")
-        self.sources = list(sources)
+        self.sources, self.interleave = list(sources), interleave
 
     @property
     def skipped_empty(self) -> int:
@@ -508,12 +510,27 @@ class MixtureCorpus(CorpusSource):
     def _raw(self) -> Iterator[tuple[str, str]]:
         for source in self.sources:  # sources the limit never reaches must not report stale counts
             source._skipped_empty = 0
-        for index, source in enumerate(self.sources):
-            for doc in source.documents():
-                yield f"{index}:{doc.doc_id}", doc.text
+        if not self.interleave:
+            for index, source in enumerate(self.sources):
+                for doc in source.documents():
+                    yield f"{index}:{doc.doc_id}", doc.text
+            return
+        streams = {index: source.documents() for index, source in enumerate(self.sources)}
+        try:
+            while streams:
+                for index in list(streams):
+                    doc = next(streams[index], None)
+                    if doc is None:
+                        del streams[index]
+                    else:
+                        yield f"{index}:{doc.doc_id}", doc.text
+        finally:
+            for stream in streams.values():
+                stream.close()
 
     def _fingerprint_payload(self) -> dict[str, Any]:
-        return {"sources": [s.fingerprint() for s in self.sources], "limit": self.limit}
+        return {"sources": [s.fingerprint() for s in self.sources], "limit": self.limit,
+                "interleave": self.interleave}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dewey_lab.chunking import Chunker, Span, char_spans_to_token_spans
-from dewey_lab.corpus import CorpusSource, MixtureCorpus, PydocCorpus
+from dewey_lab.corpus import CorpusSource, Document, MixtureCorpus, PydocCorpus
 from dewey_lab.packing import (
     FixedBatchSampler,
     ResumableLoader,
@@ -90,6 +90,10 @@ class DistillDataModule(L.LightningDataModule):
         cache_dtype: Literal["float32", "float16"] = "float32",
         fill_block: int = 2048,
         fill_shard: str | None = None,
+        streaming: bool = False,
+        stream_block: int = 4096,
+        stream_fill: bool = True,
+        stream_val_docs: int = 100_000,
         seed: int = 0,
     ) -> None:
         """
@@ -118,11 +122,18 @@ class DistillDataModule(L.LightningDataModule):
             fill_block: texts per teacher call + cache commit during the fill (a kill loses at most one).
             fill_shard: ``"k/N"``: this process embeds only the k-th of N disjoint shards of the texts
                 (by key), e.g. one job of a ``dewey-lab fill`` array; the cache takes N writers at once.
+            streaming: read the corpus as a stream while training instead of building every window
+                first (``dewey_lab.streaming``): per-rank and per-worker shards, resumable mid-stream,
+                endless (set ``trainer.max_steps``); a list of corpora is interleaved, not chained.
+            stream_block: windows shuffled together in a stream (more: better mixing, more memory).
+            stream_fill: embed texts the cache lacks as their batch arrives (the training process's
+                device); false: a missing text is an error (fill first with ``dewey-lab fill``).
+            stream_val_docs: a stream's validation windows come from its first this-many documents.
             seed: seeds chunking and shuffling.
         """
         super().__init__()
         if isinstance(corpus, list):
-            corpus = MixtureCorpus(corpus)
+            corpus = MixtureCorpus(corpus, interleave=streaming)  # a stream takes turns; a list is shuffled anyway
         self.corpus = corpus if corpus is not None else PydocCorpus()
         self.teacher = teacher if teacher is not None else SentenceTransformerTeacher()
         self.chunker = chunker if chunker is not None else Chunker(seed=seed)
@@ -145,6 +156,10 @@ class DistillDataModule(L.LightningDataModule):
         self.fill_block = fill_block
         self.fill_shard = _parse_shard(fill_shard)
         self.fill_stats: FillStats | None = None
+        self.streaming, self.stream_block, self.stream_fill = streaming, stream_block, stream_fill
+        self.stream_val_docs = stream_val_docs
+        self._stream_resume: list[dict] | None = None  # every rank's stream position, from a checkpoint
+        self._stream_loader = None
         self._examples: dict[str, list[Example]] | None = None
         self.teacher_means: dict[str, torch.Tensor] = {}
 
@@ -157,76 +172,125 @@ class DistillDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def examples(self) -> dict[str, list[Example]]:
+        """Every window in memory; streaming: only the validation windows (``train`` is empty)."""
         if self._examples is None:
             t0 = time.perf_counter()
-            self._examples = self._build_examples()
+            self._examples = self._stream_val_examples() if self.streaming else self._build_examples()
             n_chunks = sum(len(e.chunks) for e in self._examples["train"])
             log.info("data: %d train / %d val windows, %d train chunks, %d empty and %d duplicate documents "
                      "skipped (%.1fs)", len(self._examples["train"]), len(self._examples["val"]), n_chunks,
                      self.corpus.skipped_empty, self.duplicates_skipped, time.perf_counter() - t0)
         return self._examples
 
+    @property
+    def windower(self) -> Windower:
+        """Documents -> (split, window) examples: the one cutting rule of both the in-memory and the
+        streaming paths (picklable: a streaming loader's workers each get a copy)."""
+        if not hasattr(self, "_windower"):
+            self._windower = Windower(self.tokenizer_name, self.max_length, self.overflow, self.min_window_tokens,
+                                      self.max_windows_per_doc, self.prompt, self.chunker, self.val_fraction)
+            self._windower._tok = self.tokenizer
+        return self._windower
+
     def _build_examples(self) -> dict[str, list[Example]]:
-        tok = self.tokenizer
-        n_special = tok.num_special_tokens_to_add(pair=False)
-        n_prompt = len(tok(self.prompt, add_special_tokens=False)["input_ids"]) if self.prompt else 0
-        budget = self.max_length - n_special - n_prompt
-        if budget < self.min_window_tokens:
-            raise ValueError(f"data.max_length {self.max_length} leaves {budget} tokens after special and prompt "
-                             "tokens; raise data.max_length or shorten data.prompt")
         out: dict[str, list[Example]] = {"train": [], "val": []}
         docs, seen, self.duplicates_skipped = [], set(), 0
         for doc in self.corpus.documents():  # an exact duplicate would only weigh its text twice
-            digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()
+            digest = text_digest(doc.text)
             if digest in seen:
                 self.duplicates_skipped += 1
                 continue
             seen.add(digest)
             docs.append(doc)
-        windows = 1 if self.overflow == "truncate" else self.max_windows_per_doc
-        need = None if windows is None else budget * windows + 1  # tokens a document can use at most
         for i in range(0, len(docs), 256):
-            block = docs[i:i + 256]
-            heads = [_head(d.text, need) for d in block]  # a 10M-character document: tokenise what is used
-            enc = tok(heads, add_special_tokens=False, return_offsets_mapping=True)
-            for doc, head, offsets in zip(block, heads, enc["offset_mapping"]):
-                while need is not None and len(offsets) < need and len(head) < len(doc.text):
-                    head = _head(doc.text, need, len(head) * 4)  # a head with too few tokens: read further
-                    offsets = tok(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                if len(head) < len(doc.text):
-                    offsets = offsets[:-1]  # the last token may be a word cut by the head
-                if not offsets:  # e.g. only control characters: nothing the student could read
-                    continue
-                split = "val" if _unit_hash(doc.doc_id) < self.val_fraction else "train"
-                starts = range(0, len(offsets), budget) if self.overflow == "split" else range(1)
-                starts = starts[: self.max_windows_per_doc]
-                for a in starts:
-                    b = min(a + budget, len(offsets))
-                    if a > 0 and b - a < self.min_window_tokens:
-                        continue
-                    text = doc.text[offsets[a][0]:offsets[b - 1][1]]
-                    n = b - a + n_special + n_prompt
-                    out[split].append(Example(doc.doc_id, text, self.chunker(text), n))
+            for split, ex in self.windower.windows(docs[i:i + 256]):
+                out[split].append(ex)
         out["val"] = out["val"][: self.max_val_examples]
         if not out["train"]:
             raise ValueError("the corpus gave no training text; check data.corpus (path, field names, limit)")
         return out
+
+    def _stream_val_examples(self) -> dict[str, list[Example]]:
+        """Held-out windows among the stream's first ``stream_val_docs`` documents (the same on every rank)."""
+        val, seen, group, self.duplicates_skipped = [], set(), [], 0
+        for i, doc in enumerate(self.corpus.documents()):
+            if i >= self.stream_val_docs:
+                break
+            digest = text_digest(doc.text)
+            if digest in seen:
+                self.duplicates_skipped += 1
+                continue
+            seen.add(digest)
+            if self.windower.is_val(doc):
+                group.append(doc)
+            if len(group) == 256:
+                val += [ex for _, ex in self.windower.windows(group)]
+                group = []
+            if len(val) >= self.max_val_examples:
+                break
+        val += [ex for _, ex in self.windower.windows(group)]
+        return {"train": [], "val": val[: self.max_val_examples]}
 
     def _keys(self, ex: Example) -> tuple[bytes, list[bytes]]:
         return example_keys(self.teacher.fingerprint, ex)
 
     # -- teacher fill --------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Embed every window and chunk the cache lacks; a second run with the same teacher is all hits."""
+        """Embed every window and chunk the cache lacks; a second run with the same teacher is all hits.
+        Streaming: only the validation windows (the stream's own texts are embedded as they come)."""
         texts: dict[bytes, str] = {}
-        for split in ("train", "val"):
+        for split in ("val",) if self.streaming else ("train", "val"):
             for ex in self.examples()[split]:
-                whole, chunks = self._keys(ex)
-                texts[whole] = ex.text
-                texts.update(zip(chunks, (ex.text[s:e] for s, e in ex.chunks)))
+                texts.update(self._texts(ex))
+        if self.streaming and not texts and self.cache.dim is None:  # no held-out text: the first window
+            first = next(iter(self.corpus.documents()), None)  # tells the teacher's width to the model
+            for _, ex in self.windower.windows([first] if first is not None else [])[:1]:
+                texts.update(self._texts(ex))
         if self.fill_shard is not None:  # a disjoint share of the keys: N processes, no text twice
             k, n = self.fill_shard
             texts = {key: t for key, t in texts.items() if int.from_bytes(key[:8], "little") % n == k}
+        self.fill_stats = self._fill(texts)
+        self._report_fill(self.fill_stats)
+
+    def fill_stream(self) -> None:
+        """``dewey-lab fill`` of a streamed corpus: every window of every document (of this
+        ``fill_shard``'s documents), block by block in bounded memory; a kill loses one block."""
+        from dewey_lab.streaming import shard_of
+
+        k, n = self.fill_shard or (0, 1)
+        total, seen, group, texts = FillStats(), set(), [], {}
+
+        def flush() -> None:
+            part = self._fill(texts, progress=False)
+            total.unique_texts += part.unique_texts
+            total.hits += part.hits
+            total.misses += part.misses
+            total.teacher_seconds += part.teacher_seconds
+            texts.clear()
+
+        for doc in self.corpus.documents():
+            digest = text_digest(doc.text)
+            if shard_of(digest, n) != k or digest in seen:
+                continue
+            seen.add(digest)
+            group.append(doc)
+            if len(group) == 256:
+                for _, ex in self.windower.windows(group):
+                    texts.update(self._texts(ex))
+                group = []
+            if len(texts) >= self.fill_block:
+                flush()
+        for _, ex in self.windower.windows(group):
+            texts.update(self._texts(ex))
+        flush()
+        self.fill_stats = total
+        self._report_fill(total)
+
+    def _texts(self, ex: Example) -> dict[bytes, str]:
+        whole, chunks = self._keys(ex)
+        return {whole: ex.text, **dict(zip(chunks, (ex.text[s:e] for s, e in ex.chunks)))}
+
+    def _fill(self, texts: dict[bytes, str], progress: bool = True) -> FillStats:
         missing = self.cache.missing(texts)
         stats = FillStats(len(texts), len(texts) - len(missing), len(missing))
         if missing:
@@ -234,14 +298,16 @@ class DistillDataModule(L.LightningDataModule):
 
             missing.sort(key=lambda k: len(texts[k]), reverse=True)  # similar lengths share a batch
             t0 = time.perf_counter()
-            with tqdm(total=len(missing), desc="teacher fill", unit="text") as bar:
+            with tqdm(total=len(missing), desc="teacher fill", unit="text", disable=not progress) as bar:
                 for i in range(0, len(missing), self.fill_block):
                     keys = missing[i:i + self.fill_block]
                     vecs = self.teacher.encode([texts[k] for k in keys])
                     self.cache.put_many(keys, vecs)  # committed per block: a kill loses one block at most
                     bar.update(len(keys))
             stats.teacher_seconds = time.perf_counter() - t0
-        self.fill_stats = stats
+        return stats
+
+    def _report_fill(self, stats: FillStats) -> None:
         msg = (f"teacher cache {self.cache.file}: {stats.unique_texts} unique texts, {stats.hits} hits, "
                f"{stats.misses} misses (hit rate {stats.hit_rate:.1%}), teacher time {stats.teacher_seconds:.1f}s")
         log.info(msg)
@@ -258,7 +324,15 @@ class DistillDataModule(L.LightningDataModule):
         if self.teacher_dim is None:
             raise RuntimeError(f"teacher cache {self.cache.file} is empty; run prepare_data (trainer.fit does)")
         self.datasets = {split: DistillDataset(ex[split], self) for split in ("train", "val")}
-        self.teacher_means = self._teacher_means(ex["train"])
+        if self.streaming:
+            if trainer is not None and trainer.max_steps in (None, -1):
+                raise ValueError("data.streaming: a stream has no end; set trainer.max_steps (epochs x texts / "
+                                 "data.batch_size)")
+            if trainer is not None and trainer.val_check_interval == 1.0 and self.datasets["val"]:
+                log.warning("data.streaming: the epoch never ends, so validation never runs; set "
+                            "trainer.val_check_interval to a number of steps")
+        # the constant-predictor baseline: a stream's training windows are not held, its held-out ones are
+        self.teacher_means = self._teacher_means(ex["val"] if self.streaming else ex["train"])
 
     def _teacher_means(self, examples: list[Example], sample: int = 4096) -> dict[str, torch.Tensor]:
         """Mean teacher vectors of the training set: the best constant predictor, our baseline."""
@@ -296,32 +370,155 @@ class DistillDataModule(L.LightningDataModule):
         return self.trainer.global_step * self.trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self._stream_loader_()
         return self._loader("train", shuffle=True)
+
+    def _stream_loader_(self) -> DataLoader:
+        from dewey_lab.distributed import world
+        from dewey_lab.streaming import StreamLoader, WindowStream
+
+        rank, size = world()
+        workers = max(1, self.num_workers)
+        resume = None
+        if self._stream_resume is not None:
+            saved = self._stream_resume
+            if len(saved) != size or saved[0]["workers"] != workers:
+                raise ValueError(f"this checkpoint's stream was read by {len(saved)} ranks x {saved[0]['workers']} "
+                                 f"workers, this run has {size} x {workers}; resume with the same devices x nodes "
+                                 "and data.num_workers")
+            resume = saved[rank]
+        if self.batch_tokens is not None:
+            batch_size, batch_tokens = None, self.batch_tokens // size
+            if batch_tokens < (self.pack_length or self.max_length):
+                raise ValueError(f"data.batch_tokens {self.batch_tokens} over {size} ranks leaves {batch_tokens} "
+                                 "tokens a rank, less than one window; raise data.batch_tokens")
+        else:
+            batch_size, batch_tokens = self.batch_size // size + (rank < self.batch_size % size), None
+            if self.batch_size < size:
+                raise ValueError(f"a batch of {self.batch_size} texts cannot feed {size} ranks; raise data.batch_size "
+                                 "(it counts texts per step over all ranks)")
+        stream = WindowStream(self.corpus, self.windower, self.cache, self.teacher.fingerprint, self._collate,
+                              rank=rank, world_size=size, batch_size=batch_size, batch_tokens=batch_tokens,
+                              packed=self.pack, block=self.stream_block, seed=self.seed)
+        self._stream_loader = StreamLoader(stream, num_workers=self.num_workers, teacher=self.teacher,
+                                           fill=self.stream_fill, batches_done=self._batches_done, resume=resume)
+        return self._stream_loader
+
+    def state_dict(self) -> dict:
+        """A stream's position on every rank (gathered: every rank calls this when a checkpoint is written)."""
+        if self._stream_loader is None:
+            return {}
+        from dewey_lab.distributed import world
+
+        mine = self._stream_loader.state_at(self._batches_done())
+        size = world()[1]
+        every = [mine]
+        if size > 1:
+            import torch.distributed as dist
+
+            every = [None] * size
+            dist.all_gather_object(every, mine)
+        return {"stream": every}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "stream" in state:
+            self._stream_resume = state["stream"]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+
+class Windower:
+    """Cuts documents into the student's windows and draws each window's chunk spans.
+
+    ``max_length`` tokens of the student tokenizer per window, prompt and special tokens included:
+    ``overflow: truncate`` keeps a document's first window, ``split`` every window (at most
+    ``max_windows_per_doc``; trailing ones shorter than ``min_window_tokens`` are dropped). A
+    document is held out for validation by a hash of its id. Deterministic: the same document
+    always gives the same windows and spans, whatever came before it.
+    """
+
+    def __init__(self, tokenizer: str, max_length: int, overflow: str, min_window_tokens: int,
+                 max_windows_per_doc: int | None, prompt: str, chunker: Chunker, val_fraction: float) -> None:
+        self.tokenizer_name, self.max_length, self.overflow = tokenizer, max_length, overflow
+        self.min_window_tokens, self.max_windows_per_doc = min_window_tokens, max_windows_per_doc
+        self.prompt, self.chunker, self.val_fraction = prompt, chunker, val_fraction
+        self._tok = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}  # each process loads its own tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer_name)
+            self._tok.model_max_length = 1 << 30
+        return self._tok
+
+    def is_val(self, doc: Document) -> bool:
+        return _unit_hash(doc.doc_id) < self.val_fraction
+
+    def windows(self, docs: list[Document]) -> list[tuple[str, Example]]:
+        """``("train" | "val", window)`` for each window of ``docs``, in order (one tokenizer call)."""
+        tok = self.tokenizer
+        n_special = tok.num_special_tokens_to_add(pair=False)
+        n_prompt = len(tok(self.prompt, add_special_tokens=False)["input_ids"]) if self.prompt else 0
+        budget = self.max_length - n_special - n_prompt
+        if budget < self.min_window_tokens:
+            raise ValueError(f"data.max_length {self.max_length} leaves {budget} tokens after special and prompt "
+                             "tokens; raise data.max_length or shorten data.prompt")
+        windows = 1 if self.overflow == "truncate" else self.max_windows_per_doc
+        need = None if windows is None else budget * windows + 1  # tokens a document can use at most
+        heads = [_head(d.text, need) for d in docs]  # a 10M-character document: tokenise what is used
+        enc = tok(heads, add_special_tokens=False, return_offsets_mapping=True) if docs else {"offset_mapping": []}
+        out = []
+        for doc, head, offsets in zip(docs, heads, enc["offset_mapping"]):
+            while need is not None and len(offsets) < need and len(head) < len(doc.text):
+                head = _head(doc.text, need, len(head) * 4)  # a head with too few tokens: read further
+                offsets = tok(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            if len(head) < len(doc.text):
+                offsets = offsets[:-1]  # the last token may be a word cut by the head
+            if not offsets:  # e.g. only control characters: nothing the student could read
+                continue
+            split = "val" if self.is_val(doc) else "train"
+            starts = range(0, len(offsets), budget) if self.overflow == "split" else range(1)
+            for a in starts[: self.max_windows_per_doc]:
+                b = min(a + budget, len(offsets))
+                if a > 0 and b - a < self.min_window_tokens:
+                    continue
+                text = doc.text[offsets[a][0]:offsets[b - 1][1]]
+                out.append((split, Example(doc.doc_id, text, self.chunker(text), b - a + n_special + n_prompt)))
+        return out
 
 
 class DistillDataset(Dataset):
     """Tokenises a window on access and reads its teacher vectors from the cache."""
 
     def __init__(self, examples: list[Example], dm: DistillDataModule) -> None:
-        self.examples = examples
-        self.tokenizer, self.max_length, self.prompt = dm.tokenizer, dm.max_length, dm.prompt
+        self.examples, self.windower = examples, dm.windower
         self.cache, self.fingerprint = dm.cache, dm.teacher.fingerprint
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        ex = self.examples[i]
-        item = encode_with_spans(self.tokenizer, ex.text, ex.chunks, self.max_length, self.prompt)
-        whole_key, chunk_keys = example_keys(self.fingerprint, ex)
-        kept = [k for k, span in zip(chunk_keys, item["spans"]) if span is not None]
-        item["spans"] = [s for s in item["spans"] if s is not None]
-        vecs = self.cache.get_many([whole_key] + kept)
+        item, keys, _ = item_without_vectors(self.examples[i], self.windower, self.fingerprint)
+        vecs = self.cache.get_many(keys)
         item["t_whole"], item["t_chunk"] = vecs[0], vecs[1:]
         return item
+
+
+def item_without_vectors(ex: Example, windower: Windower, fingerprint: str) -> tuple[dict, list[bytes], list[str]]:
+    """A window's token ids and chunk token spans, and the cache keys and texts of its teacher vectors:
+    the window's, then each chunk's that survived truncation (in ``spans`` order)."""
+    item = encode_with_spans(windower.tokenizer, ex.text, ex.chunks, windower.max_length, windower.prompt)
+    whole_key, chunk_keys = example_keys(fingerprint, ex)
+    kept = [i for i, span in enumerate(item["spans"]) if span is not None]
+    item["spans"] = [item["spans"][i] for i in kept]
+    keys = [whole_key] + [chunk_keys[i] for i in kept]
+    texts = [ex.text] + [ex.text[ex.chunks[i][0]:ex.chunks[i][1]] for i in kept]
+    return item, keys, texts
 
 
 def encode_with_spans(tokenizer, text: str, chunks: list[Span], max_length: int, prompt: str = "") -> dict:
@@ -420,6 +617,11 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     if not 0 <= k < n:
         raise ValueError(f"data.fill_shard must be 'k/N' with 0 <= k < N (e.g. 0/4), got {shard!r}")
     return k, n
+
+
+def text_digest(text: str) -> bytes:
+    """SHA-256 of a document's text: exact duplicates share it (and a stream shard, see ``streaming``)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _unit_hash(s: str) -> float:
