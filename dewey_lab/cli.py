@@ -148,7 +148,8 @@ def merged_config(argv: list[str], parser_kwargs: dict) -> dict:
 def fill(argv: list[str], parser_kwargs: dict) -> None:
     """``dewey-lab fill -c <experiment>.yaml [--data.fill_shard k/N]``: fill the teacher cache for an
     experiment's data without building a student or a trainer. N jobs with shards 0/N ... N-1/N
-    fill one cache together (one writer per process), each text embedded once."""
+    fill one cache together (one writer per process), each text embedded once (a stream's shards are
+    documents, so a chunk text two documents share may be embedded by two jobs)."""
     from jsonargparse import ArgumentParser
 
     check_config_files(["fit", *argv])
@@ -159,7 +160,7 @@ def fill(argv: list[str], parser_kwargs: dict) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DistillDataModule, "data")
     dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
-    dm.prepare_data()
+    dm.fill_stream() if dm.streaming else dm.prepare_data()  # a stream: every window, block by block
 
 
 def run_sweep(argv: list[str]) -> None:
