@@ -18,8 +18,8 @@ from dewey_lab.streaming import ShardState, WindowStream
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from faults import LoggingTeacher  # noqa: E402
-from test_datamodule import CountingTeacher  # noqa: E402
+from faults import LoggingTeacher
+from test_datamodule import CountingTeacher
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,49 @@ def test_an_interleaved_mixture_takes_turns(tmp_path):
     assert mixed == ["a0", "b0", "a1", "b1", "a2", "a3"]
     assert [d.text for d in MixtureCorpus(sources).documents()] == ["a0", "a1", "a2", "a3", "b0", "b1"]
     assert [d.text for d in MixtureCorpus(sources, interleave=True, limit=3).documents()] == ["a0", "b0", "a1"]
+
+
+def _fit_config(run: Path, corpus: Path, cache: Path, devices: int, steps: int) -> dict:
+    return {
+        "trainer": {"max_steps": steps, "log_every_n_steps": 1, "val_check_interval": 4, "limit_val_batches": 1,
+                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "callbacks": [], "accelerator": "cpu",
+                    "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "use_distributed_sampler": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(run / "runs"), "name": "run"}}},
+        "checkpoint": {"every_n_train_steps": 2},
+        "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
+                 "cache_dir": str(cache), "max_length": 64, "max_windows_per_doc": 2, "batch_size": 4,
+                 "val_fraction": 0.1, "streaming": True, "stream_block": 8, "num_workers": 1},
+        "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                         "num_attention_heads": 2}}, "warmup_steps": 2},
+    }
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_streamed_fit_killed_midway_resumes_onto_the_uninterrupted_loss_curve(many_docs, tmp_path, devices):
+    """``fit`` on a stream (1 process, and 2 DDP processes on gloo; one loader worker each), SIGKILLed
+    after step 5 with its last checkpoint at step 4, resumed with ``--ckpt_path last``: the same loss
+    at every step as the run never stopped, with the teacher vectors embedded on the fly."""
+    from test_faults import _curve, _fit, _write
+
+    steps, curves = 8, {}
+    for name in ("straight", "killed"):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = _write(run / "run.yaml", _fit_config(run, many_docs, tmp_path / f"cache_{name}", devices, steps))
+        if name == "killed":
+            kill = _write(run / "kill.yaml", {"trainer": {"callbacks": [
+                {"class_path": "faults.KillAt", "init_args": {"step": 5, "where": "batch_end"}}]}})
+            out = _fit(run, cfg, kill)
+            assert out.returncode != 0 and (run / "runs/run/version_0/checkpoints/last.ckpt").exists(), out.stderr[-3000:]
+            state = torch.load(run / "runs/run/version_0/checkpoints/last.ckpt", weights_only=False)
+            saved = state["DistillDataModule"]["stream"]
+            assert [s["batches_done"] for s in saved] == [4] * devices  # every rank's position, at step 4
+        out = _fit(run, cfg, resume=name == "killed")
+        assert out.returncode == 0, out.stderr[-3000:]
+        curves[name] = _curve(run / "runs")
+    assert sorted(curves["straight"]) == sorted(curves["killed"]) == list(range(steps))
+    diff = max(abs(curves["straight"][s] - curves["killed"][s]) / abs(curves["straight"][s]) for s in range(steps))
+    print(json.dumps({"devices": devices, "max_relative_loss_difference": diff}))
+    assert diff <= 1e-6, (curves["straight"], curves["killed"])
