@@ -11,6 +11,9 @@ Sections, each on the same student, data and batch within it:
   token-budget batches; the offline corpus's own lengths (whole documents cut at ``--max-length``).
 * ``st``: ours against sentence-transformers' distillation trainer (SentenceTransformerTrainer +
   MSELoss on the precomputed teacher vectors), same student init, texts and batch size.
+* ``stream``: a streamed corpus's costs (``data.streaming``): reading and hashing a document (every
+  process pays it for every document) against cutting it into windows (paid once, by its shard),
+  and the training batches/s a stream loader delivers from a filled cache with 0 and 2 workers.
 * ``multivector``: chunk vectors of one passage, one pass (late chunking) against one pass per
   chunk, at 1k / 4k / 16k tokens.
 * ``long``: one long passage's forward time and peak memory at 2k / 8k / 32k tokens.
@@ -42,7 +45,7 @@ import torch
 from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own folder, on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["fill", "train", "st", "multivector", "long", "cache", "gpu"]
+SECTIONS = ["fill", "train", "st", "stream", "multivector", "long", "cache", "gpu"]
 TINY = {**TINY_STUDENT, "max_position_embeddings": 131072}
 SHAPES = {  # ModernBERT-base / -large (answerdotai config.json), random init: no hub needed
     "base": {"hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12},
@@ -104,6 +107,40 @@ def bench_fill(a) -> dict:
     second = time.perf_counter() - t0
     return {"texts": len(all_texts), "unique": dm.fill_stats.unique_texts, "first_s": first, "st_s": baseline,
             "second_s": second, "second_hits": again.fill_stats.hit_rate, "cache": str(cache)}
+
+
+# -- streaming --------------------------------------------------------------------------------------
+def bench_stream(a) -> dict:
+    from dewey_lab.datamodule import text_digest
+
+    set_threads()
+    dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, streaming=True)
+    docs = list(dm.corpus.documents())
+    mb = sum(len(d.text.encode()) for d in docs) / 1e6
+    passes, t0 = 0, time.perf_counter()
+    while passes < 3 or time.perf_counter() - t0 < 2:
+        for d in dm.corpus.documents():
+            text_digest(d.text)
+        passes += 1
+    read_s = (time.perf_counter() - t0) / passes
+    dm.windower.windows(docs[:8])  # load the tokenizer before the clock
+    t0 = time.perf_counter()
+    n_windows = sum(len(dm.windower.windows(docs[i:i + 64])) for i in range(0, len(docs), 64))
+    window_s = time.perf_counter() - t0
+    out = {"docs": len(docs), "mb": mb, "read_us": read_s / len(docs) * 1e6, "window_us": window_s / len(docs) * 1e6,
+           "windows": n_windows, "loaders": []}
+    for workers in (0, 2):
+        dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, streaming=True,
+                         num_workers=workers, stream_fill=False, stream_block=256)
+        dm.prepare_data()
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        next(it)  # workers started, first block read
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 10:
+            n += len(next(it)["doc_row"])
+        out["loaders"].append({"workers": workers, "texts_per_s": n / (time.perf_counter() - t0)})
+    return out
 
 
 # -- training throughput ----------------------------------------------------------------------------
@@ -286,7 +323,7 @@ def main() -> None:
     if a.one:  # a case in its own process
         kind, *rest = a.one
         result = {"train": lambda: train_case(a, *rest), "st": lambda: st_case(a), "fill": lambda: bench_fill(a),
-                  "mv": lambda: bench_multivector(a)}[kind]()
+                  "mv": lambda: bench_multivector(a), "stream": lambda: bench_stream(a)}[kind]()
         print(json.dumps(result))
         return
     sections = a.sections.split(",")
@@ -349,6 +386,24 @@ def main() -> None:
             f"| sentence-transformers | {fmt(s['texts_per_s'])} | {fmt(s['real_tokens_per_s'], 0)} | 1.00 |",
             (f"| ours (packed) | {fmt(ours['texts_per_s'])} | {fmt(ours['real_tokens_per_s'], 0)} | "
             f"**{fmt(ours['texts_per_s'] / s['texts_per_s'])}x** |")])
+    if "stream" in sections:
+        r = case("stream")
+        train_rate = ours["texts_per_s"] if "train" in sections or "st" in sections else None
+        report.add([
+            "## Streaming corpus: what each process pays (CPU)", "",
+            (f"The offline corpus ({r['docs']} documents, {fmt(r['mb'], 1)} MB) as a stream at max_length "
+            f"{a.max_length}. Every process reads and hashes every document to find its shard's; only the "
+            "shard's owner cuts it into windows (tokenizer + chunk spans)."), "",
+            "| per document | microseconds |", "|---|---:|",
+            f"| read + hash (every process) | {fmt(r['read_us'], 1)} |",
+            f"| cut into windows (its shard only) | {fmt(r['window_us'], 1)} |",
+            (f"| shards at which reading costs a process as much as its share of the cutting | "
+            f"**{fmt(r['window_us'] / r['read_us'], 0)}** |"), "",
+            f"Training batches ({a.batch_size} texts) from a filled cache, tokenised and collated:", "",
+            "| loader workers | texts/s |" + (" vs. the packed training step |" if train_rate else ""),
+            "|---:|---:|" + ("---:|" if train_rate else ""),
+            *[f"| {x['workers']} | {fmt(x['texts_per_s'], 0)} |"
+              + (f" **{fmt(x['texts_per_s'] / train_rate, 0)}x** |" if train_rate else "") for x in r["loaders"]]])
     if "multivector" in sections:
         rows = case("mv")
         report.add([

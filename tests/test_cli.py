@@ -80,6 +80,21 @@ def test_every_experiment_parses(name, capsys):
         assert printed["runs"] and printed["tasks"]
 
 
+@pytest.mark.parametrize("stack", [["dewey", "dewey_multinode"], ["dewey", "dewey_multinode", "dewey_streaming"]])
+def test_the_readme_stacks_parse(stack, capsys):
+    """The multi-node commands of the README stack several experiment files: the stack parses, and the
+    later files win (the global batch, the stream's step count)."""
+    files = [a for name in stack for a in ("-c", str(REPO / "experiments" / f"{name}.yaml"))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *files, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["num_nodes"] == 4 and printed["data"]["batch_size"] == 64
+    assert printed["trainer"]["use_distributed_sampler"] is False
+    if "dewey_streaming" in stack:
+        assert printed["data"]["streaming"] is True and printed["trainer"]["max_steps"] == 312500
+
+
 def _training_variants():
     from dewey_lab.sweep import sweep_block, variants
 
