@@ -243,3 +243,32 @@ def test_a_streamed_fit_killed_midway_resumes_onto_the_uninterrupted_loss_curve(
     diff = max(abs(curves["straight"][s] - curves["killed"][s]) / abs(curves["straight"][s]) for s in range(steps))
     print(json.dumps({"devices": devices, "max_relative_loss_difference": diff}))
     assert diff <= 1e-6, (curves["straight"], curves["killed"])
+
+
+def test_a_stream_of_two_hf_datasets_in_their_own_formats(many_docs, tmp_path, monkeypatch):
+    """The paper's two sources as local stand-ins in their hub formats (fineweb-edu ``text`` rows,
+    Infinity-Instruct ``conversations``), streamed through ``datasets`` and interleaved: batches carry
+    windows of both from the first block on."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    rows = [json.loads(line) for line in many_docs.read_text().splitlines()]
+    web, chat = tmp_path / "fineweb.jsonl", tmp_path / "instruct.jsonl"
+    web.write_text("".join(json.dumps({"id": f"<urn:{r['id']}>", "text": r["text"], "score": 3.0}) + "\n"
+                           for r in rows[::2]))
+    chat.write_text("".join(json.dumps({"id": i, "conversations": [{"from": "human", "value": r["text"][:80]},
+                                                                  {"from": "gpt", "value": r["text"][80:]}]}) + "\n"
+                            for i, r in enumerate(rows[1::2])))
+    from dewey_lab.corpus import HFCorpus
+
+    corpus = [HFCorpus("json", data_files=str(web), schema="text", streaming=True),
+              HFCorpus("json", data_files=str(chat), schema="conversations", streaming=True)]
+    dm = DistillDataModule(corpus=corpus, teacher=CountingTeacher(), cache_dir=str(tmp_path / "cache"), max_length=64,
+                           batch_size=4, streaming=True, stream_block=16, val_fraction=0.1)
+    assert dm.corpus.interleave
+    dm.prepare_data()
+    dm.setup("fit")
+    stream = _stream(dm)
+    first_block = next(stream.blocks(0, 1, 0))[2]
+    assert {e.doc_id.split(":")[0] for e in first_block} == {"0", "1"}  # both sources from the start
+    batches = _take(dm.train_dataloader(), 3)
+    assert all(len(b["doc_row"]) == 4 and b["t_whole"].norm(dim=1).min() > 0.99 for b in batches)
