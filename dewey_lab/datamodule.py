@@ -14,6 +14,9 @@ One direction, no back and forth:
 
 Held-out texts are whole documents (chosen by a hash of the document id), so validation
 measures generalisation to unseen text, not to unseen windows of seen text.
+
+``streaming: true`` keeps steps 1-3 and 5 but builds nothing up front: each rank reads its shard
+of the corpus while training, and step 4 happens as batches arrive (``dewey_lab.streaming``).
 """
 
 from __future__ import annotations
