@@ -103,6 +103,14 @@ class PasskeyCallback(L.Callback):
         step = trainer.global_step
         if step == self._last_step or not trainer.is_global_zero or getattr(pl_module, "projection", None) is None:
             return {}
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):  # rank 0 holds a shard only
+            if self._last_step != -2:
+                log.warning("PasskeyCallback: skipped under FSDP (each rank holds a shard of the student); "
+                            "score the checkpoints with dewey-lab eval instead")
+            self._last_step = -2
+            return {}
         self._last_step = step
         embedder = self.embedder(pl_module)
         retriever = DenseRetriever(embedder, self.modes, cache_dir=None, progress=False)

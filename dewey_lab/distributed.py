@@ -7,12 +7,23 @@ each rank's gradient for the gathered copy and hands every rank the slice of its
 rank then computes the same global loss; DDP averages the parameter gradients over ranks, which
 gives exactly the single-process gradient of that loss (the ``world_size`` factor from the sum
 cancels the average). Only ``all_gather`` and ``all_reduce`` are used, so gloo (CPU) works too.
+
+FSDP needs nothing more from the loss: its gradient reduce-scatter averages over ranks as DDP's
+all-reduce does, and ``gather_rows`` runs inside the sharded forward and backward like any other op.
+FSDP2 is Lightning's ``ModelParallelStrategy`` with ``DistillModule.configure_model`` sharding the
+student (``experiments/dewey_fsdp.yaml``); FSDP1 is ``FSDPStrategy`` below, Lightning's with a CPU
+path. Both run on CPU with gloo (``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDP
 from torch import Tensor
 
 
@@ -51,6 +62,83 @@ def gather_rows(x: Tensor) -> Tensor:
     gathered = _GatherRows.apply(padded, rank, size)
     m = max(rows)
     return torch.cat([gathered[r * m:r * m + n] for r, n in enumerate(rows)])
+
+
+def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """``flag`` and-ed over ranks: every rank takes the same branch (``flag`` itself alone)."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class FSDPStrategy(_LightningFSDP):
+    """Lightning's ``FSDPStrategy`` (``FullyShardedDataParallel``), also on CPU with gloo.
+
+    On a GPU this is Lightning's strategy unchanged. Lightning 2.6 refuses FSDP without a GPU in two
+    places: the Trainer rejects the exact class ``FSDPStrategy`` (or ``strategy: fsdp``) with
+    ``accelerator: cpu``, and the strategy passes ``device_id=root_device.index``, None on CPU, with
+    which torch's FSDP looks for an accelerator ("FSDP needs a non-CPU accelerator device"). torch's
+    FSDP itself runs on CPU when given ``device_id=torch.device("cpu")``, which is what this does.
+    And on CPU, full state dicts (checkpoints) are gathered without ``offload_to_cpu``: Lightning
+    always asks for it, and torch's ``FlatParamHandle.to_cpu`` then "moves" the gathered parameter
+    to the device it is already on (the same storage) and frees it, so the state dict reads freed
+    memory (a segfault in ``_full_post_state_dict_hook``).
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        from lightning.pytorch.strategies.fsdp import (
+            _move_torchmetrics_to_device,
+            _setup_activation_checkpointing,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                             mixed_precision=self.mixed_precision_config,
+                                             sharding_strategy=self.sharding_strategy,
+                                             device_id=torch.device("cpu"), **self.kwargs)
+        _move_torchmetrics_to_device(model, self.root_device)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model
+
+    @contextmanager
+    def _full_state_dicts_in_place(self) -> Iterator[None]:
+        """Lightning's full-state-dict context, without ``offload_to_cpu`` when the compute device is the CPU."""
+        if self.root_device.type != "cpu":
+            yield
+            return
+        import lightning.fabric.strategies.model_parallel as fabric_mp
+        import lightning.pytorch.strategies.fsdp as pl_fsdp
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        def context(module, world_size: int, rank0_only: bool = True):
+            return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
+                                        FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                                        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+        saved = pl_fsdp._get_full_state_dict_context, fabric_mp._get_full_state_dict_context
+        pl_fsdp._get_full_state_dict_context = fabric_mp._get_full_state_dict_context = context
+        try:
+            yield
+        finally:
+            pl_fsdp._get_full_state_dict_context, fabric_mp._get_full_state_dict_context = saved
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        with self._full_state_dicts_in_place():
+            return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        with self._full_state_dicts_in_place():
+            return super().optimizer_state(optimizer)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        with self._full_state_dicts_in_place():
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 def balance(lengths: list[int], world_size: int) -> list[list[int]]:

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from optimi import StableAdamW
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import get_linear_schedule_with_warmup
 
 from dewey_lab.attention import forward_rows
-from dewey_lab.distributed import gather_rows
+from dewey_lab.distributed import all_ranks, gather_rows
 from dewey_lab.losses import CosineLoss, LossTerm, SimilarityLoss
 from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
 from dewey_lab.student import StudentConfig, build_student
@@ -92,6 +93,8 @@ class DistillModule(L.LightningModule):
         self.max_bad_steps, self.bad_steps = max_bad_steps, 0
 
     def configure_model(self) -> None:
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            self._shard(self.device_mesh)
         if not self.compile_backend or getattr(self, "_compiled", False):
             return
         if self.compile_backend == "inductor" and not (torch.cuda.is_available() or shutil.which("cc")):
@@ -100,6 +103,19 @@ class DistillModule(L.LightningModule):
         # in place: parameter names (and so checkpoints) stay those of the uncompiled student
         self.student.compile(backend=self.compile_backend, dynamic=True)
         self._compiled = True
+
+    def _shard(self, mesh) -> None:
+        """FSDP2 (``trainer.strategy: ModelParallelStrategy``): each encoder layer is one unit, and the
+        rest (embeddings, final norm, projection, any pooling weights) the outer one. Parameters become
+        DTensors, so StableAdamW's per-tensor update clipping sees whole tensors, as on one process.
+        A 2-d mesh (Lightning's data_parallel x tensor_parallel) is HSDP: replicated over its first
+        dimension, sharded over its second; there is no tensor parallelism."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.student.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)  # the root: its forward gathers the outer parameters
+        self._sharded = True
 
     # -- wiring to the data ----------------------------------------------------------------------
     def _build_projection(self, teacher_dim: int) -> None:
@@ -168,11 +184,23 @@ class DistillModule(L.LightningModule):
         return total
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).isfinite().all()):
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # FSDP2: this rank's shard
+                 for p in self.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).isfinite().all())
+        # FSDP: each rank holds a shard of the gradients; all skip the step, or none does
+        if not all_ranks(finite, self.device):
             for p in self.parameters():  # optimizers skip parameters without a gradient: no update at all
                 p.grad = None
             self._bad_step("gradient")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.strategy.model
+        if isinstance(model, FullyShardedDataParallel) and gradient_clip_val and gradient_clip_algorithm != "value":
+            model.clip_grad_norm_(gradient_clip_val)  # the norm over every rank's shard (Lightning refuses FSDP here)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _bad_step(self, what: str) -> None:
         self.bad_steps += 1
