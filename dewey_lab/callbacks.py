@@ -198,6 +198,10 @@ class RunInfo(L.Callback):
 
         self.info.update(finished=not trainer.interrupted, global_step=trainer.global_step,
                          wall_seconds=round(time.perf_counter() - self._t0, 1))
+        stream = getattr(getattr(trainer, "datamodule", None), "_stream_loader", None)
+        if stream is not None:  # a stream's teacher work done inside training (this rank's)
+            self.info["data"].update(stream_texts_embedded=stream.filled,
+                                     stream_teacher_seconds=round(stream.teacher_seconds, 1))
         self._write(trainer)
 
     def _write(self, trainer: L.Trainer) -> None:

@@ -249,6 +249,9 @@ class StreamLoader(DataLoader):
         lacking = set(cache.missing(keys))  # another rank or an earlier batch may have embedded some
         todo = list(dict.fromkeys(k for k in keys if k in lacking))
         if todo:
+            if not self.filled:
+                log.info("stream: embedding texts the teacher cache lacks inside training (data.stream_fill); "
+                         "fill the stream first (dewey-lab fill) to keep the teacher out of the training loop")
             text = {k: t for _, k, t in missing}
             t0 = time.perf_counter()
             cache.put_many(todo, self.teacher.encode([text[k] for k in todo]))

@@ -239,6 +239,8 @@ def test_a_streamed_fit_killed_midway_resumes_onto_the_uninterrupted_loss_curve(
         out = _fit(run, cfg, resume=name == "killed")
         assert out.returncode == 0, out.stderr[-3000:]
         curves[name] = _curve(run / "runs")
+        info = json.loads((run / "runs/run/version_0/run_info.json").read_text())
+        assert info["finished"] and (name == "killed" or info["data"]["stream_texts_embedded"] > 0)  # on the fly
     assert sorted(curves["straight"]) == sorted(curves["killed"]) == list(range(steps))
     diff = max(abs(curves["straight"][s] - curves["killed"][s]) / abs(curves["straight"][s]) for s in range(steps))
     print(json.dumps({"devices": devices, "max_relative_loss_difference": diff}))
