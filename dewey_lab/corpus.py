@@ -319,9 +319,14 @@ class HFCorpus(CorpusSource):
             streaming=self.streaming,
             data_files=self.data_files,
         )
-        for index, row in enumerate(ds):
-            raw_id = row.get("id")
-            yield (f"{self.split}:{index}" if raw_id is None else str(raw_id)), self._row_text(row, index)
+        # ds.iter, not iter(ds): in a DataLoader worker, iter(ds) hands each worker only some of the
+        # dataset's files, and a stream's shards (dewey_lab.streaming) must see every document
+        index = 0
+        for block in ds.iter(batch_size=256):
+            for row in (dict(zip(block, values)) for values in zip(*block.values())):
+                raw_id = row.get("id")
+                yield (f"{self.split}:{index}" if raw_id is None else str(raw_id)), self._row_text(row, index)
+                index += 1
 
     def _fingerprint_payload(self) -> dict[str, Any]:
         config = {k: v for k, v in vars(self).items() if not k.startswith("_")}

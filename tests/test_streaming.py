@@ -274,3 +274,25 @@ def test_a_stream_of_two_hf_datasets_in_their_own_formats(many_docs, tmp_path, m
     assert {e.doc_id.split(":")[0] for e in first_block} == {"0", "1"}  # both sources from the start
     batches = _take(dm.train_dataloader(), 3)
     assert all(len(b["doc_row"]) == 4 and b["t_whole"].norm(dim=1).min() > 0.99 for b in batches)
+
+
+class _CountDocuments(torch.utils.data.IterableDataset):
+    def __init__(self, corpus):
+        self.corpus = corpus
+
+    def __iter__(self):
+        yield sum(1 for _ in self.corpus.documents())
+
+
+def test_an_hf_stream_gives_every_loader_worker_every_document(tmp_path, monkeypatch):
+    """``datasets`` splits a streamed dataset's files over DataLoader workers when iterated inside one;
+    a stream's shards must each see every document (they pick theirs by content hash)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    for k in range(2):  # two files: datasets would give each of 2 workers one
+        (tmp_path / f"part{k}.jsonl").write_text("".join(json.dumps({"text": f"doc {k}-{i}"}) + "\n" for i in range(5)))
+    from dewey_lab.corpus import HFCorpus
+
+    corpus = HFCorpus("json", data_files=[str(tmp_path / f"part{k}.jsonl") for k in range(2)], streaming=True)
+    counts = list(torch.utils.data.DataLoader(_CountDocuments(corpus), batch_size=None, num_workers=2))
+    assert counts == [10, 10]
