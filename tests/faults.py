@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
+import yaml
 
+from dewey_lab.cli import REPO
 from dewey_lab.teacher import Teacher
+
+TINY = str(REPO / "experiments" / "tiny.yaml")
+# the processes a test starts import this module (faults.KillAt in a config): tests/ on their path
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent),
+                                                   os.environ.get("PYTHONPATH", "")])}
 
 
 def die() -> None:
@@ -64,4 +74,30 @@ def vectors_of(texts, dim: int = 12) -> np.ndarray:
         for j in range(dim):
             out[i, j] = raw[j::dim].sum() % 97 - 48
         out[i] /= max(1e-6, float(np.linalg.norm(out[i])))
+    return out
+
+
+def write_yaml(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_fit(cwd: Path, *configs: str, resume: bool = False) -> subprocess.CompletedProcess:
+    """``dewey-lab fit -c tiny.yaml -c <configs>...`` in a process of its own (``--ckpt_path last`` if resume)."""
+    cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", "-c", TINY, *(a for c in configs for a in ("-c", c))]
+    return subprocess.run(cmd + (["--ckpt_path", "last"] if resume else []), cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+def loss_curve(run_dir: Path) -> dict[int, float]:
+    """train/loss by step over every event file of the run, later files winning (a resumed run
+    re-logs the steps after its checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for event in sorted(run_dir.rglob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(event))
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
     return out

@@ -3,7 +3,6 @@ same global batch, a killed 2-process fit (DDP; FSDP under -m slow) resumes onto
 curve, and two processes filling one teacher cache at once leave one consistent cache."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,15 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from faults import ENV, TINY, loss_curve, run_fit
 
 from dewey_lab.cli import REPO
 from dewey_lab.distributed import balance
 from dewey_lab.teacher_cache import TeacherCache
-
-TESTS = Path(__file__).resolve().parent
-TINY = str(REPO / "experiments" / "tiny.yaml")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_balance_splits_by_tokens_and_feeds_every_rank():
@@ -33,18 +28,6 @@ def test_balance_splits_by_tokens_and_feeds_every_rank():
     assert all(balance([1, 1, 1000], 3))  # every rank gets a text, however long the others
     with pytest.raises(ValueError, match="global batch|data.batch_size"):
         balance([5], 2)
-
-
-def _loss_curve(run_dir: Path) -> dict[int, float]:
-    """train/loss by step over every event file of the run, later files winning (a resumed run
-    re-logs the steps after its checkpoint)."""
-    out = {}
-    for event in sorted(run_dir.rglob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(event))
-        acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
-    return out
 
 
 def _run_config(run: Path, corpus: Path, cache_dir: Path, devices: int, strategy, steps: int = 4,
@@ -68,19 +51,13 @@ def _run_config(run: Path, corpus: Path, cache_dir: Path, devices: int, strategy
     return str(run / "run.yaml")
 
 
-def _fit(run: Path, *configs: str, resume: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", "-c", TINY, *(a for c in configs for a in ("-c", c))]
-    return subprocess.run(cmd + (["--ckpt_path", "last"] if resume else []), cwd=run, env=ENV, capture_output=True,
-                          text=True, timeout=600, check=False)
-
-
 @pytest.fixture(scope="module")
 def single_process_run(small_corpus_path, shared_cache_dir, tmp_path_factory) -> tuple[dict[int, float], Path]:
     """The 1-process reference for the multi-process runs: its loss curve and its last.ckpt."""
     run = tmp_path_factory.mktemp("single")
-    out = _fit(run, _run_config(run, small_corpus_path, shared_cache_dir, 1, "auto"))
+    out = run_fit(run, _run_config(run, small_corpus_path, shared_cache_dir, 1, "auto"))
     assert out.returncode == 0, out.stderr[-3000:]
-    return _loss_curve(run / "runs"), run / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    return loss_curve(run / "runs"), run / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def _relative_difference(a: dict[int, float], b: dict[int, float]) -> float:
@@ -90,9 +67,9 @@ def _relative_difference(a: dict[int, float], b: dict[int, float]) -> float:
 def test_two_process_ddp_follows_the_single_process_loss(single_process_run, small_corpus_path, shared_cache_dir,
                                                          tmp_path):
     single, _ = single_process_run
-    out = _fit(tmp_path, _run_config(tmp_path, small_corpus_path, shared_cache_dir, 2, "ddp"))
+    out = run_fit(tmp_path, _run_config(tmp_path, small_corpus_path, shared_cache_dir, 2, "ddp"))
     assert out.returncode == 0, out.stderr[-3000:]
-    ddp = _loss_curve(tmp_path / "runs")
+    ddp = loss_curve(tmp_path / "runs")
     assert sorted(single) == sorted(ddp) == [0, 1, 2, 3]
     diff = _relative_difference(single, ddp)
     print(json.dumps({"single": single, "ddp2": ddp, "max_relative_difference": diff}))
@@ -126,9 +103,9 @@ def test_two_process_fsdp_follows_the_single_process_loss(kind, single_process_r
     from dewey_lab.checkpoint import SafeCheckpointIO
 
     single, single_ckpt = single_process_run
-    out = _fit(tmp_path, _run_config(tmp_path, small_corpus_path, shared_cache_dir, 2, FSDP[kind]))
+    out = run_fit(tmp_path, _run_config(tmp_path, small_corpus_path, shared_cache_dir, 2, FSDP[kind]))
     assert out.returncode == 0, out.stderr[-3000:]
-    sharded = _loss_curve(tmp_path / "runs")
+    sharded = loss_curve(tmp_path / "runs")
     assert sorted(single) == sorted(sharded) == [0, 1, 2, 3]
     diff = _relative_difference(single, sharded)
 
@@ -174,24 +151,24 @@ def test_two_process_fit_killed_resumes_onto_the_uninterrupted_loss_curve(kind, 
     for name in ("straight", "killed"):
         runs[name] = _run_config(tmp_path / name, small_corpus_path, shared_cache_dir, 2, strategy, steps=steps,
                                  batch_size=4, checkpoint={"every_n_train_steps": 2})
-    done = _fit(tmp_path / "straight", runs["straight"])
+    done = run_fit(tmp_path / "straight", runs["straight"])
     assert done.returncode == 0, done.stderr[-3000:]
-    straight = _loss_curve(tmp_path / "straight" / "runs")
+    straight = loss_curve(tmp_path / "straight" / "runs")
     assert sorted(straight) == list(range(steps))
 
     kill = tmp_path / "killed" / "kill.yaml"
     kill.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "faults.KillAt", "init_args": {"step": 5, "where": "before_optimizer"}}]}}))
-    out = _fit(tmp_path / "killed", runs["killed"], str(kill))
+    out = run_fit(tmp_path / "killed", runs["killed"], str(kill))
     assert out.returncode == -signal.SIGKILL, f"the kill did not happen: {out.stderr[-3000:]}"
     ckpt = tmp_path / "killed" / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     in_epoch = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"]
     assert (state["global_step"], state["epoch"], in_epoch) == (4, 1, 1)  # one batch into epoch 1
-    out = _fit(tmp_path / "killed", runs["killed"], resume=True)
+    out = run_fit(tmp_path / "killed", runs["killed"], resume=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resume: " in out.stderr
-    resumed = _loss_curve(tmp_path / "killed" / "runs")
+    resumed = loss_curve(tmp_path / "killed" / "runs")
     assert sorted(resumed) == sorted(straight)
     diff = _relative_difference(straight, resumed)
     print(json.dumps({"straight": straight, "resumed": resumed, "max_relative_loss_difference": diff}))

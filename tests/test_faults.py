@@ -13,18 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from faults import ENV, loss_curve, run_fit, vectors_of, write_yaml
 
-from dewey_lab.cli import REPO
 from dewey_lab.corpus import JsonlCorpus
 from dewey_lab.datamodule import DistillDataModule, example_keys
 from dewey_lab.teacher_cache import TeacherCache
 
 pytestmark = pytest.mark.fault
-TESTS = Path(__file__).resolve().parent
-TINY = str(REPO / "experiments" / "tiny.yaml")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 FILL = """
 import sys
@@ -59,9 +54,6 @@ def _embedded(log: Path) -> list[str]:
 
 
 def test_teacher_fill_killed_three_times_loses_nothing_and_recomputes_nothing_stored(small_corpus_path, tmp_path):
-    sys.path.insert(0, str(TESTS))
-    from faults import vectors_of
-
     cache_dir = tmp_path / "cache"
     texts = _fill_texts(small_corpus_path, cache_dir)
     by_text = {t: k for k, t in texts.items()}
@@ -96,29 +88,6 @@ def test_teacher_fill_killed_three_times_loses_nothing_and_recomputes_nothing_st
     print(json.dumps(report))
 
 
-def _write(path: Path, cfg: dict) -> str:
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def _curve(run_dir: Path) -> dict[int, float]:
-    """train/loss by step over every event file of the run, later files winning (a resumed run
-    re-logs the steps after its checkpoint)."""
-    out: dict[int, float] = {}
-    for event in sorted(run_dir.rglob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(event))
-        acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
-    return out
-
-
-def _fit(cwd: Path, *configs: str, resume: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", "-c", TINY, *(a for c in configs for a in ("-c", c))]
-    return subprocess.run(cmd + (["--ckpt_path", "last"] if resume else []), cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=600, check=False)
-
-
 def test_fit_killed_three_times_resumes_onto_the_uninterrupted_loss_curve(small_corpus_path, shared_cache_dir, tmp_path):
     steps = 15
     base = {
@@ -137,26 +106,26 @@ def test_fit_killed_three_times_resumes_onto_the_uninterrupted_loss_curve(small_
         cfg = json.loads(json.dumps(base))
         cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                     "init_args": {"save_dir": str(tmp_path / name / "runs"), "name": "run"}}
-        runs[name] = _write(tmp_path / name / "run.yaml", cfg)
-    done = _fit(tmp_path / "straight", runs["straight"])
+        runs[name] = write_yaml(tmp_path / name / "run.yaml", cfg)
+    done = run_fit(tmp_path / "straight", runs["straight"])
     assert done.returncode == 0, done.stderr[-3000:]
-    straight = _curve(tmp_path / "straight" / "runs")
+    straight = loss_curve(tmp_path / "straight" / "runs")
     assert sorted(straight) == list(range(steps))
 
     rng = random.Random(3)  # one kill in each third of the run, each of a different kind
     points = [rng.randrange(a, a + 4) for a in (2, 6, 10)]
     kinds = rng.sample(["batch_end", "before_optimizer", "checkpoint"], 3)
     for i, (step, where) in enumerate(zip(points, kinds, strict=True)):
-        kill = _write(tmp_path / "killed" / f"kill{i}.yaml",
+        kill = write_yaml(tmp_path / "killed" / f"kill{i}.yaml",
                       {"trainer": {"callbacks": [{"class_path": "faults.KillAt",
                                                   "init_args": {"step": step, "where": where}}]}})
-        out = _fit(tmp_path / "killed", runs["killed"], kill, resume=i > 0)
+        out = run_fit(tmp_path / "killed", runs["killed"], kill, resume=i > 0)
         assert out.returncode == -signal.SIGKILL, f"kill {where}@{step} did not happen: {out.stderr[-3000:]}"
         if i > 0:  # a resumed run never touches the teacher: every vector is in the cache
             assert "resume: " in out.stderr and " 0 misses" in out.stdout
-    out = _fit(tmp_path / "killed", runs["killed"], resume=True)
+    out = run_fit(tmp_path / "killed", runs["killed"], resume=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    resumed = _curve(tmp_path / "killed" / "runs")
+    resumed = loss_curve(tmp_path / "killed" / "runs")
     assert sorted(resumed) == sorted(straight)
     diff = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in straight)
     print(json.dumps({"kills": list(zip(points, kinds)), "max_relative_loss_difference": diff}))

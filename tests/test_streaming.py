@@ -5,21 +5,17 @@ lacks are embedded as they come or named as an error, and ``dewey-lab fill`` fil
 import collections
 import io
 import json
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from faults import LoggingTeacher, loss_curve, run_fit, write_yaml
+from test_datamodule import CountingTeacher
 
 from dewey_lab.corpus import JsonlCorpus, MixtureCorpus, TextCorpus
 from dewey_lab.datamodule import DistillDataModule
 from dewey_lab.streaming import ShardState, WindowStream
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from faults import LoggingTeacher
-from test_datamodule import CountingTeacher
 
 
 @pytest.fixture(scope="module")
@@ -221,24 +217,22 @@ def test_a_streamed_fit_killed_midway_resumes_onto_the_uninterrupted_loss_curve(
     """``fit`` on a stream (1 process, and 2 DDP processes on gloo; one loader worker each), SIGKILLed
     after step 5 with its last checkpoint at step 4, resumed with ``--ckpt_path last``: the same loss
     at every step as the run never stopped, with the teacher vectors embedded on the fly."""
-    from test_faults import _curve, _fit, _write
-
     steps, curves = 8, {}
     for name in ("straight", "killed"):
         run = tmp_path / name
         run.mkdir()
-        cfg = _write(run / "run.yaml", _fit_config(run, many_docs, tmp_path / f"cache_{name}", devices, steps))
+        cfg = write_yaml(run / "run.yaml", _fit_config(run, many_docs, tmp_path / f"cache_{name}", devices, steps))
         if name == "killed":
-            kill = _write(run / "kill.yaml", {"trainer": {"callbacks": [
+            kill = write_yaml(run / "kill.yaml", {"trainer": {"callbacks": [
                 {"class_path": "faults.KillAt", "init_args": {"step": 5, "where": "batch_end"}}]}})
-            out = _fit(run, cfg, kill)
+            out = run_fit(run, cfg, kill)
             assert out.returncode != 0 and (run / "runs/run/version_0/checkpoints/last.ckpt").exists(), out.stderr[-3000:]
             state = torch.load(run / "runs/run/version_0/checkpoints/last.ckpt", weights_only=False)
             saved = state["DistillDataModule"]["stream"]
             assert [s["batches_done"] for s in saved] == [4] * devices  # every rank's position, at step 4
-        out = _fit(run, cfg, resume=name == "killed")
+        out = run_fit(run, cfg, resume=name == "killed")
         assert out.returncode == 0, out.stderr[-3000:]
-        curves[name] = _curve(run / "runs")
+        curves[name] = loss_curve(run / "runs")
         info = json.loads((run / "runs/run/version_0/run_info.json").read_text())
         assert info["finished"] and (name == "killed" or info["data"]["stream_texts_embedded"] > 0)  # on the fly
     assert sorted(curves["straight"]) == sorted(curves["killed"]) == list(range(steps))
