@@ -22,9 +22,11 @@ of the corpus while training, and step 4 happens as batches arrive (``dewey_lab.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -169,10 +171,7 @@ class DistillDataModule(L.LightningDataModule):
     # -- building examples (deterministic: same corpus, tokenizer and seed -> same examples) ---
     @property
     def tokenizer(self):
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-            self._tokenizer.model_max_length = 1 << 30  # we cut windows ourselves; silence its length warning
-        return self._tokenizer
+        return self.windower.tokenizer
 
     def examples(self) -> dict[str, list[Example]]:
         """Every window in memory; streaming: only the validation windows (``train`` is empty)."""
@@ -192,22 +191,12 @@ class DistillDataModule(L.LightningDataModule):
         if not hasattr(self, "_windower"):
             self._windower = Windower(self.tokenizer_name, self.max_length, self.overflow, self.min_window_tokens,
                                       self.max_windows_per_doc, self.prompt, self.chunker, self.val_fraction)
-            self._windower._tok = self.tokenizer
         return self._windower
 
     def _build_examples(self) -> dict[str, list[Example]]:
         out: dict[str, list[Example]] = {"train": [], "val": []}
-        docs, seen, self.duplicates_skipped = [], set(), 0
-        for doc in self.corpus.documents():  # an exact duplicate would only weigh its text twice
-            digest = text_digest(doc.text)
-            if digest in seen:
-                self.duplicates_skipped += 1
-                continue
-            seen.add(digest)
-            docs.append(doc)
-        for i in range(0, len(docs), 256):
-            for split, ex in self.windower.windows(docs[i:i + 256]):
-                out[split].append(ex)
+        for split, ex in self.windower.windows_of(doc for _, doc in self._unique_documents()):
+            out[split].append(ex)
         out["val"] = out["val"][: self.max_val_examples]
         if not out["train"]:
             raise ValueError("the corpus gave no training text; check data.corpus (path, field names, limit)")
@@ -215,24 +204,20 @@ class DistillDataModule(L.LightningDataModule):
 
     def _stream_val_examples(self) -> dict[str, list[Example]]:
         """Held-out windows among the stream's first ``stream_val_docs`` documents (the same on every rank)."""
-        val, seen, group, self.duplicates_skipped = [], set(), [], 0
-        for i, doc in enumerate(self.corpus.documents()):
-            if i >= self.stream_val_docs:
-                break
-            digest = text_digest(doc.text)
-            if digest in seen:
-                self.duplicates_skipped += 1
-                continue
-            seen.add(digest)
-            if self.windower.is_val(doc):
-                group.append(doc)
-            if len(group) == 256:
-                val += [ex for _, ex in self.windower.windows(group)]
-                group = []
-            if len(val) >= self.max_val_examples:
-                break
-        val += [ex for _, ex in self.windower.windows(group)]
-        return {"train": [], "val": val[: self.max_val_examples]}
+        read = itertools.takewhile(lambda pos_doc: pos_doc[0] < self.stream_val_docs, self._unique_documents())
+        held_out = (doc for _, doc in read if self.windower.is_val(doc))
+        windows = (ex for _, ex in self.windower.windows_of(held_out))
+        return {"train": [], "val": list(itertools.islice(windows, self.max_val_examples))}
+
+    def _unique_documents(self, keep: Callable[[bytes], bool] | None = None) -> Iterator[tuple[int, Document]]:
+        """``unique_documents`` of the corpus (one duplicate would only weigh its text twice), counted in
+        ``duplicates_skipped``."""
+        self.duplicates_skipped = 0
+
+        def skipped() -> None:
+            self.duplicates_skipped += 1
+
+        return unique_documents(self.corpus, keep, skipped)
 
     def _keys(self, ex: Example) -> tuple[bytes, list[bytes]]:
         return example_keys(self.teacher.fingerprint, ex)
@@ -261,7 +246,7 @@ class DistillDataModule(L.LightningDataModule):
         from dewey_lab.streaming import shard_of
 
         k, n = self.fill_shard or (0, 1)
-        total, seen, group, texts = FillStats(), set(), [], {}
+        total, texts = FillStats(), {}
 
         def flush() -> None:
             part = self._fill(texts, progress=False)
@@ -271,20 +256,11 @@ class DistillDataModule(L.LightningDataModule):
             total.teacher_seconds += part.teacher_seconds
             texts.clear()
 
-        for doc in self.corpus.documents():
-            digest = text_digest(doc.text)
-            if shard_of(digest, n) != k or digest in seen:
-                continue
-            seen.add(digest)
-            group.append(doc)
-            if len(group) == 256:
-                for _, ex in self.windower.windows(group):
-                    texts.update(self._texts(ex))
-                group = []
+        docs = (doc for _, doc in self._unique_documents(keep=lambda digest: shard_of(digest, n) == k))
+        for _, ex in self.windower.windows_of(docs):
+            texts.update(self._texts(ex))
             if len(texts) >= self.fill_block:
                 flush()
-        for _, ex in self.windower.windows(group):
-            texts.update(self._texts(ex))
         flush()
         self.fill_stats = total
         self._report_fill(total)
@@ -462,6 +438,16 @@ class Windower:
     def is_val(self, doc: Document) -> bool:
         return _unit_hash(doc.doc_id) < self.val_fraction
 
+    def windows_of(self, docs: Iterable[Document], group: int = 256) -> Iterator[tuple[str, Example]]:
+        """``windows`` of a stream of documents, ``group`` documents per tokenizer call, as they come."""
+        block = []
+        for doc in docs:
+            block.append(doc)
+            if len(block) == group:
+                yield from self.windows(block)
+                block = []
+        yield from self.windows(block)
+
     def windows(self, docs: list[Document]) -> list[tuple[str, Example]]:
         """``("train" | "val", window)`` for each window of ``docs``, in order (one tokenizer call)."""
         tok = self.tokenizer
@@ -620,6 +606,24 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     if not 0 <= k < n:
         raise ValueError(f"data.fill_shard must be 'k/N' with 0 <= k < N (e.g. 0/4), got {shard!r}")
     return k, n
+
+
+def unique_documents(corpus: CorpusSource, keep: Callable[[bytes], bool] | None = None,
+                     on_duplicate: Callable[[], None] | None = None) -> Iterator[tuple[int, Document]]:
+    """(position in the corpus, document), exact duplicates dropped (``on_duplicate`` is told of each).
+    Documents whose text digest ``keep`` rejects are skipped first, so only the kept ones' digests are
+    remembered (a shard's, not the corpus')."""
+    seen: set[bytes] = set()
+    for pos, doc in enumerate(corpus.documents()):
+        digest = text_digest(doc.text)
+        if keep is not None and not keep(digest):
+            continue
+        if digest in seen:
+            if on_duplicate is not None:
+                on_duplicate()
+            continue
+        seen.add(digest)
+        yield pos, doc
 
 
 def text_digest(text: str) -> bytes:

@@ -95,17 +95,9 @@ class WindowStream(IterableDataset):
     # -- documents -> blocks -> batches --------------------------------------------------------
     def documents(self, shard: int, n_shards: int) -> Iterator[tuple[int, Document]]:
         """(position in the corpus, document) of this shard's training documents, duplicates dropped."""
-        from dewey_lab.datamodule import text_digest
+        from dewey_lab.datamodule import unique_documents
 
-        seen: set[int] = set()
-        for pos, doc in enumerate(self.corpus.documents()):
-            digest = text_digest(doc.text)
-            if shard_of(digest, n_shards) != shard:
-                continue
-            h = int.from_bytes(digest[8:16], "little")
-            if h in seen:
-                continue
-            seen.add(h)
+        for pos, doc in unique_documents(self.corpus, keep=lambda digest: shard_of(digest, n_shards) == shard):
             if not self.windower.is_val(doc):
                 yield pos, doc
 
