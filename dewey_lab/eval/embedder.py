@@ -2,7 +2,9 @@
 
 One forward pass per passage yields both views:
 
-* single vector: the whole passage pooled (``cls``, ``mean`` or ``cls_mean``, Dewey's three);
+* single vector: the whole passage pooled (``cls``, ``mean`` or ``cls_mean``, Dewey's three; ``last``
+  for decoder embedders such as E5-Mistral, Linq-Embed-Mistral and Qwen3-Embedding: the hidden
+  state of an EOS token appended to every input, right padding, as their own code does);
 * multi-vector: fixed token windows (``chunk_size``, ``chunk_overlap``; Dewey's examples use 256 /
   64; the last window is moved back to end at the text's end, so no chunk is a short tail) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
   passage as context and no chunk is encoded on its own.
@@ -21,6 +23,7 @@ SDPA, so memory grows linearly with length where flash-attn is absent.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from dewey_lab.attention import banded, can_band, key_masks
 from dewey_lab.datamodule import text_token_mask
 from dewey_lab.pooling import masked_mean, span_mean
 
-POOLINGS = ("cls", "mean", "cls_mean")
+POOLINGS = ("cls", "mean", "cls_mean", "last")
 BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-window SDPA
 
 
@@ -61,10 +64,12 @@ class Embedder:
         model: the encoder (a transformers model, or a student's ModernBertModel).
         tokenizer: its fast tokenizer (offsets are used to tell text from prompt tokens).
         head: applied after pooling (a trained student's projection); None for none.
-        pooling: single-vector pooling, one of ``cls``, ``mean``, ``cls_mean``.
+        pooling: single-vector pooling, one of ``cls``, ``mean``, ``cls_mean``, ``last`` (decoders: an EOS
+            token is appended to every input unless the tokenizer already ends it with one).
         mean_over: ``content`` (text tokens) or ``all`` (every attended token, sentence-transformers).
         max_length: tokens per passage, special tokens included; longer passages are truncated.
-        query_prompt, passage_prompt: prepended to queries / passages (never pooled by ``content``).
+        query_prompt, passage_prompt: prepended to queries / passages (never pooled by ``content``);
+            decoder embedders take an instruction on queries only.
         chunk_size, chunk_overlap: late-chunking windows in tokens.
         token_budget: padded tokens per forward pass (a longer passage runs alone).
         normalize: L2-normalise every vector (cosine scoring).
@@ -80,6 +85,9 @@ class Embedder:
                  dtype: torch.dtype | None = None, extension=None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        if pooling == "last" and tokenizer.eos_token_id is None:
+            raise ValueError("pooling last needs a tokenizer with an EOS token (decoder embedders append one); "
+                             "use cls or mean for this model")
         if mean_over not in ("content", "all"):
             raise ValueError(f"mean_over must be content or all, got {mean_over!r}")
         if not 0 <= chunk_overlap < chunk_size:
@@ -98,10 +106,12 @@ class Embedder:
 
     @property
     def fingerprint_extra(self) -> str:
-        """Everything besides the weights that changes a vector; part of every cache key."""
+        """Everything besides the weights that changes a vector; part of every cache key. ``/per-input``
+        marks extension vectors computed since GP / PI / PCW follow LongEmbed's reference (per-sequence
+        factors, raw PCW means), so an older cache's vectors are never served for them."""
         return (f"pool={self.pooling}/{self.mean_over}|len={self.max_length}|chunk={self.chunk_size}/"
                 f"{self.chunk_overlap}|norm={int(self.normalize)}|dtype={self.dtype}|ext={self.extension!r}"
-                f"@{getattr(self.extension, 'original', '')}")
+                f"@{getattr(self.extension, 'original', '')}" + ("/per-input" if self.extension is not None else ""))
 
     # -- tokenisation ------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[Item]:
@@ -110,13 +120,18 @@ class Embedder:
         enc = self.tokenizer(full, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
                              return_special_tokens_mask=True)
         p = len(prompt)
+        eos = self.tokenizer.eos_token_id if self.pooling == "last" else None
         items = []
         for i, text in enumerate(full):
-            offsets, special = enc["offset_mapping"][i], enc["special_tokens_mask"][i]
-            content = text_token_mask(special, offsets, p)
+            ids, offsets = list(enc["input_ids"][i]), list(enc["offset_mapping"][i])
+            content = text_token_mask(enc["special_tokens_mask"][i], offsets, p)
+            if eos is not None and (not ids or ids[-1] != eos):  # E5-Mistral: tokenise to max_length - 1, add EOS
+                if len(ids) >= self.max_length:
+                    ids, offsets, content = ids[:-1], offsets[:-1], content[:-1]
+                ids, offsets, content = [*ids, eos], [*offsets, (0, 0)], [*content, False]
             last_end = max((e for c, (_, e) in zip(content, offsets) if c), default=len(text))
             truncated = last_end < len(text.rstrip())  # the last kept text token ends before the text does
-            items.append(Item(enc["input_ids"][i], content, self.windows(content), truncated))
+            items.append(Item(ids, content, self.windows(content), truncated))
         return items
 
     def windows(self, content: list[bool]) -> list[tuple[int, int]]:
@@ -137,7 +152,15 @@ class Embedder:
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode_queries(self, texts: Sequence[str]) -> Tensor:
-        """(Q, D) query vectors (single-vector pooling; queries are short)."""
+        """(Q, D) query vectors (single-vector pooling; queries are short).
+
+        PCW never splits a query (LongEmbed's reference chunks the corpus only): a query is read
+        unextended, cut at the model's own window. Position and model-level extensions see queries
+        as any input (GP / RP / PI leave those of L_o tokens or fewer unchanged)."""
+        if getattr(self.extension, "splits", False):
+            plain = copy.copy(self)
+            plain.extension, plain.max_length = None, self.window
+            return plain.embed(plain.tokenize(texts, self.query_prompt), chunks=False).single
         return self.embed(self.tokenize(texts, self.query_prompt), chunks=False).single
 
     def encode_passages(self, texts: Sequence[str], chunks: bool = True) -> Encoded:
@@ -190,8 +213,28 @@ class Embedder:
         return ids.to(self.device), attn.to(self.device), content.to(self.device)
 
     def _hidden(self, ids: Tensor, attn: Tensor) -> Tensor:
-        """(B, T, H) fp32 last hidden state, through the extension when one is set (PCW aside)."""
+        """(B, T, H) fp32 last hidden state, through the extension when one is set (PCW aside).
+
+        A per-input method that leaves inputs of L_o tokens or fewer unchanged (PI) runs those rows
+        through the plain model and the rest through the extension, each part trimmed to its own
+        longest row: which rows share a batch never changes a vector."""
         ext = self.extension if not getattr(self.extension, "splits", False) else None
+        if ext is None or not ext.short_inputs_unchanged:
+            return self._forward(ids, attn, ext)
+        lengths = attn.sum(1)
+        short = lengths <= ext.original  # (B,)
+        if bool(short.all()) or not bool(short.any()):
+            return self._forward(ids, attn, None if bool(short.all()) else ext)
+        out = None
+        for rows, e in ((short, None), (~short, ext)):
+            width = int(lengths[rows].max())
+            h = self._forward(ids[rows, :width], attn[rows, :width], e)  # (b, width, H)
+            if out is None:
+                out = h.new_zeros(ids.shape[0], ids.shape[1], h.shape[-1])
+            out[rows, :width] = h
+        return out
+
+    def _forward(self, ids: Tensor, attn: Tensor, ext) -> Tensor:
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype not in (None, torch.float32))
         with autocast, ExitStack() as stack:
             mask = attn
@@ -199,10 +242,12 @@ class Embedder:
                 stack.enter_context(banded(self.model))
                 mask = key_masks(attn)
             if ext is not None:
-                return ext.forward(self.model, ids, mask).float()
+                return ext.forward(self.model, ids, attn, mask).float()
             return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
 
     def _pool(self, hidden: Tensor, content: Tensor, attn: Tensor) -> Tensor:
+        if self.pooling == "last":  # right padding: the last attended token is the appended EOS
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), attn.sum(1) - 1]  # (B, H)
         mean = masked_mean(hidden, content if self.mean_over == "content" else attn.bool())  # (B, H)
         return {"cls": hidden[:, 0], "mean": mean, "cls_mean": 0.5 * (hidden[:, 0] + mean)}[self.pooling]
 
@@ -230,8 +275,9 @@ class Embedder:
     def _pcw(self, items: list[Item]) -> tuple[Tensor, Tensor]:
         """Parallel context windows: each passage's text in windows of the original length, each
         window with the passage's CLS / prompt before and SEP after, embedded apart. Returns the
-        stitched hidden states (B, T, H) and the passage vectors (B, D): the windows' embeddings
-        (pooled, head, normalised: what the model outputs for each) averaged and normalised again."""
+        stitched hidden states (B, T, H) and the passage vectors (B, D): the windows' raw vectors
+        (pooled and through the head, not normalised) averaged, then normalised, as LongEmbed's
+        reference does in its "chunk" mode."""
         room_total = self.extension.original
         windows: list[Item] = []
         layout = []  # per passage: (head length, text start, text end, [(a, b) per window])
@@ -252,7 +298,7 @@ class Embedder:
         for batch in self.batches(windows):
             ids, attn, content = self._collate([windows[i] for i in batch])
             hidden = self._hidden(ids, attn)
-            vecs = self._finish(self._pool(hidden, content, attn))
+            vecs = self._finish(self._pool(hidden, content, attn), normalize=False)  # raw window vectors
             for k, i in enumerate(batch):
                 pooled[i], states[i] = vecs[k], hidden[k, : len(windows[i].input_ids)]
         T = max(len(it.input_ids) for it in items)
@@ -271,10 +317,10 @@ class Embedder:
         single = torch.stack(singles)
         return out, F.normalize(single, dim=-1) if self.normalize else single
 
-    def _finish(self, x: Tensor) -> Tensor:
+    def _finish(self, x: Tensor, normalize: bool = True) -> Tensor:
         if self.head is not None:
             x = self.head(x).float()  # the head runs in fp32 outside autocast, as it was trained
-        return F.normalize(x, dim=-1) if self.normalize else x
+        return F.normalize(x, dim=-1) if self.normalize and normalize else x
 
 
 def window_of(config, tokenizer) -> int:

@@ -4,17 +4,34 @@ With ``L_o`` the model's window, ``L_t`` the target length and ``s = ceil(L_t / 
 
 | class | models | what changes |
 |---|---|---|
-| ``PCW`` | any | split into L_o-token windows (the last one = the final tokens), embed each, average |
-| ``GroupedPositions`` (gp) | APE | position id -> floor(pid / s) |
-| ``RecurrentPositions`` (rp) | APE | position id -> pid mod L_o |
-| ``PositionInterpolation`` (pi) | APE, RoPE | APE: table E_t[i*s] = E_o[i], linear between; RoPE: positions / s |
-| ``NTK`` | RoPE | theta -> theta * lambda (default lambda = s^(d/(d-2)), "slightly above s") |
-| ``YaRN`` | RoPE | per-frequency blend of interpolation and extrapolation + temperature (transformers' yarn) |
-| ``SelfExtend`` | ModernBERT | normal relative positions within ``window``, grouped by ``group`` beyond, both triangles |
+| class | models | what changes | kind |
+|---|---|---|---|
+| ``PCW`` | any | passages split into L_o-token windows (the last = the final tokens), raw window vectors averaged, then normalised | per input |
+| ``GroupedPositions`` (gp) | APE | position id -> floor(pid / f), f = ceil(length / L_o) of that input | per input |
+| ``RecurrentPositions`` (rp) | APE | position id -> pid mod L_o | per input |
+| ``PositionInterpolation`` (pi) | APE, RoPE | inputs longer than L_o: APE table E_t[i*s] = E_o[i], linear between; RoPE positions / s | per input |
+| ``NTK`` | RoPE | theta -> theta * lambda (default lambda = s^(d/(d-2)), "slightly above s") | model level |
+| ``YaRN`` | RoPE | per-frequency blend of interpolation and extrapolation + temperature (transformers' yarn) | model level |
+| ``SelfExtend`` | ModernBERT | normal relative positions within ``window``, grouped by ``group`` beyond, both triangles | model level |
 
-Every method may also scale attention logits by max(1, log L / log L_o) (``attention_scaling``).
-On ModernBERT position changes touch the global-attention layers only: local layers never see a
-distance beyond their 128-token window. With s = 1 every method is the unextended model.
+Two kinds, as in LongEmbed's reference code (``src/encoder_model.py`` of dwzhu-pku/LongEmbed):
+
+* **per input** (PCW, GP, RP, PI): an input of L_o tokens or fewer (every query, every short passage)
+  is read exactly as the unextended model reads it. GP's factor is ceil(length / L_o), so it is 1 up
+  to L_o; RP's pid mod L_o is pid up to L_o; PI interpolates only inputs longer than L_o (the
+  reference gives shorter ones positions pid * s on the interpolated table, i.e. their original
+  embeddings); PCW splits only passages (queries are never chunked). The reference decides this
+  per padded batch; we decide it per sequence, so a vector never depends on which other texts
+  shared its batch.
+* **model level** (NTK, YaRN, SelfExtend): the model itself changes (rope_theta, the RoPE
+  frequencies, a patched attention) for every input, queries included, as the reference's
+  model-level settings (``--rope_theta``, ``--use_self_extend``) do.
+
+Every method may also scale attention logits by max(1, log L / log L_o) (``attention_scaling``),
+with L each sequence's own length (not the padded batch's), so inputs of L_o tokens or fewer
+keep their logits. On ModernBERT position changes touch the global-attention layers only: local
+layers never see a distance beyond their 128-token window. With s = 1 every method is the
+unextended model.
 
 Select one from the CLI (``--extension pi``, ``--extension "selfextend(group=9,window=64)"``) or
 YAML (``class_path: dewey_lab.eval.extension.NTK``, ``init_args: {factor: 10}``).
@@ -55,6 +72,8 @@ class Extension:
     fits: ClassVar[tuple[str, ...]] = ("ape", "rope")
     max_factor: ClassVar[float] = 64.0
     splits: ClassVar[bool] = False  # True: the Embedder splits passages into windows (PCW)
+    # True: inputs of L_o tokens or fewer run through the unextended model (the Embedder splits the batch)
+    short_inputs_unchanged: ClassVar[bool] = False
 
     def __init__(self, factor: float | None = None, attention_scaling: bool = False) -> None:
         self.factor, self.attention_scaling = factor, attention_scaling
@@ -89,26 +108,36 @@ class Extension:
         return self
 
     # -- running -----------------------------------------------------------------------------------
-    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
-        """Last hidden state (B, T, H) of the extended model."""
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor, mask=None) -> Tensor:
+        """Last hidden state (B, T, H) of the extended model.
+
+        ``attn`` is the (B, T) 0/1 attention mask (each row's length is its sum); ``mask`` is what the
+        model is given as ``attention_mask`` when that differs (the banded path's key masks).
+        """
+        lengths = attn.sum(1)  # (B,) each sequence's own length
         with ExitStack() as stack:
-            kwargs = stack.enter_context(self.patched(model, ids.shape[1]))
+            kwargs = stack.enter_context(self.patched(model, lengths, ids.shape[1]))
             if self.attention_scaling:
-                stack.enter_context(scaled_attention(model, ids.shape[1], self.original))
-            return model(input_ids=ids, attention_mask=attn, **kwargs).last_hidden_state
+                stack.enter_context(scaled_attention(model, lengths, self.original))
+            return model(input_ids=ids, attention_mask=attn if mask is None else mask, **kwargs).last_hidden_state
 
     @contextmanager
-    def patched(self, model: nn.Module, length: int):
-        """Subclasses change the model (or forward arguments) inside this block."""
+    def patched(self, model: nn.Module, lengths: Tensor, width: int):
+        """Subclasses change the model (or forward arguments) inside this block, for rows of ``lengths``
+        (B,) padded to ``width`` tokens."""
         yield {}
 
 
 class PCW(Extension):
-    """Parallel context windows: L_o-token windows embedded apart, their embeddings averaged.
+    """Parallel context windows (per input): a passage's L_o-token windows embedded apart, averaged.
+
+    As LongEmbed's reference ("chunk" mode) does: each window holds L_o - (special + prompt) text
+    tokens, windows do not overlap except the last, which is the final tokens; the raw (pooled,
+    unnormalised) window vectors are averaged, then the mean is normalised. A passage of L_o tokens
+    or fewer is one window: the unextended model's vector. Queries are never split.
 
     Hidden states are stitched back in token order (each token from its window; the last window
-    wins where it overlaps), so late chunking still works; the single vector is the mean of the
-    windows' pooled vectors, as LongEmbed defines PCW.
+    wins where it overlaps), so late chunking still works.
     """
 
     name = "pcw"
@@ -123,39 +152,66 @@ class PCW(Extension):
 
 
 class GroupedPositions(Extension):
-    """GP: position id -> floor(pid / s); s neighbours share a position."""
+    """GP (per input): position id -> floor(pid / f); f neighbours share a position.
+
+    f = ceil(length / L_o) of each input (LongEmbed's reference: ``factor = ceil(len / L_o)``), so an
+    input of L_o tokens or fewer keeps its positions. The reference takes the padded batch's length;
+    we take each sequence's own, so a vector never depends on its batch. ``gp(factor=k)`` fixes
+    f = k for inputs longer than L_o instead.
+    """
 
     name = "gp"
     fits = ("ape",)
 
-    def position_ids(self, length: int) -> Tensor:
-        return torch.arange(length) // int(self.factor or self.s)
+    def factors(self, lengths: Tensor) -> Tensor:
+        """(B,) integer group size per input: ceil(length / L_o), or the fixed factor past L_o."""
+        f = torch.div(lengths + self.original - 1, self.original, rounding_mode="floor").clamp_min(1)
+        if self.factor is not None:
+            f = torch.where(lengths > self.original, torch.full_like(f, int(self.factor)), torch.ones_like(f))
+        return f
+
+    def position_ids(self, lengths: Tensor | int, width: int | None = None) -> Tensor:
+        """(B, T) positions for rows of ``lengths`` padded to ``width``; padding gets position 0."""
+        lengths = torch.as_tensor(lengths).reshape(-1)
+        pid = torch.arange(width or int(lengths.max()), device=lengths.device)[None, :]  # (1, T)
+        return torch.where(pid < lengths[:, None], pid // self.factors(lengths)[:, None], 0)
 
     @contextmanager
-    def patched(self, model, length):
-        yield _ape_kwargs(model, self.position_ids(length))
+    def patched(self, model, lengths, width):
+        yield _ape_kwargs(model, self.position_ids(lengths, width))
 
 
 class RecurrentPositions(Extension):
-    """RP: position id -> pid mod L_o; positions restart every L_o tokens."""
+    """RP (per input): position id -> pid mod L_o; positions restart every L_o tokens, so an input of
+    L_o tokens or fewer keeps its positions by construction."""
 
     name = "rp"
     fits = ("ape",)
 
-    def position_ids(self, length: int) -> Tensor:
-        return torch.arange(length) % self.original
+    def position_ids(self, lengths: Tensor | int, width: int | None = None) -> Tensor:
+        """(1, T) positions: the same for every row (padding beyond a row's length is masked)."""
+        lengths = torch.as_tensor(lengths).reshape(-1)
+        return (torch.arange(width or int(lengths.max()), device=lengths.device) % self.original)[None, :]
 
     @contextmanager
-    def patched(self, model, length):
-        yield _ape_kwargs(model, self.position_ids(length))
+    def patched(self, model, lengths, width):
+        yield _ape_kwargs(model, self.position_ids(lengths, width))
 
 
 class PositionInterpolation(Extension):
-    """PI. APE: a longer table with E_t[i*s] = E_o[i] and linear steps between (beyond the last
-    original row the table holds it). RoPE: every position divided by s (inv_freq / s)."""
+    """PI (per input). APE: a longer table with E_t[i*s] = E_o[i] and linear steps between (beyond the
+    last original row the table holds it). RoPE: every position divided by s (inv_freq / s; on
+    ModernBERT the global layers only).
+
+    Only inputs longer than L_o are interpolated, with the one factor s = ceil(L_t / L_o) (the
+    reference's ``encode_max_length // L_o``); an input of L_o tokens or fewer runs through the
+    unextended model, which is what the reference's positions pid * s on the interpolated table
+    give it (E_t[pid * s] = E_o[pid]).
+    """
 
     name = "pi"
     max_factor = 32.0  # beyond this neighbouring positions are < 1/32 apart: indistinguishable
+    short_inputs_unchanged = True
 
     def table(self, weight: Tensor, length: int) -> Tensor:
         """(length, H) interpolated position table from the original (L_o, H) one."""
@@ -167,8 +223,9 @@ class PositionInterpolation(Extension):
         return weight[lo] * (1 - frac) + weight[hi] * frac
 
     @contextmanager
-    def patched(self, model, length):
+    def patched(self, model, lengths, width):
         s = float(self.factor or self.s)
+        length = width
         if uses_rope(model.config):
             with _global_rope(model, lambda inv, scale: (inv / s, scale)):
                 yield {}
@@ -180,13 +237,15 @@ class PositionInterpolation(Extension):
         table = self.table(weight, length)
         emb.position_embeddings = nn.Embedding.from_pretrained(torch.cat([old.weight[:offset], table]), freeze=True)
         try:
-            yield _ape_kwargs(model, torch.arange(length))
+            yield _ape_kwargs(model, torch.arange(length)[None, :])
         finally:
             emb.position_embeddings = old
 
 
 class NTK(Extension):
-    """NTK-aware: theta -> theta * lambda on the global layers; lambda defaults to s^(d/(d-2))."""
+    """NTK-aware (model level): theta -> theta * lambda on the global layers, for every input, queries
+    included, as the reference's ``--rope_theta`` does (E5-Mistral + NTK: 10,000 -> 100,000, i.e.
+    ``ntk(factor=10)``). lambda defaults to s^(d/(d-2)), "slightly above s"."""
 
     name = "ntk"
     fits = ("rope",)
@@ -196,7 +255,7 @@ class NTK(Extension):
         return float(self.factor) if self.factor is not None else self.s ** (head_dim / (head_dim - 2))
 
     @contextmanager
-    def patched(self, model, length):
+    def patched(self, model, lengths, width):
         def scale(inv: Tensor, attn_scale: float):
             d = 2 * inv.numel()
             # inv_freq_i = theta^(-2i/d)  ->  (theta * lambda)^(-2i/d) = inv_freq_i * lambda^(-2i/d)
@@ -207,7 +266,8 @@ class NTK(Extension):
 
 
 class YaRN(Extension):
-    """YaRN (arXiv 2309.00071) on the global layers, via transformers' own yarn parameters."""
+    """YaRN (arXiv 2309.00071; model level): transformers' own yarn frequencies and temperature on the
+    global layers, for every input. Not in LongEmbed; included as the RoPE method decoders ship with."""
 
     name = "yarn"
     fits = ("rope",)
@@ -221,7 +281,7 @@ class YaRN(Extension):
         return ("factor", "attention_scaling", "beta_fast", "beta_slow")
 
     @contextmanager
-    def patched(self, model, length):
+    def patched(self, model, lengths, width):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         layer_type = _global_type(model)
@@ -239,11 +299,17 @@ class YaRN(Extension):
 
 
 class SelfExtend(Extension):
-    """SelfExtend, bidirectional (ModernBERT global layers).
+    """SelfExtend (model level), bidirectional: ModernBERT's global layers, for every input.
 
     Query i and key j at distance |i - j| <= ``window`` keep their relative position; beyond it both
     are grouped: distance floor(j/g) - floor(i/g) + (window - floor(window/g)), mirrored for keys
-    before the query. Defaults follow LongEmbed's settings: window = L_o / 8, group = s + 1 (s > 1).
+    before the query.
+
+    Defaults: window = L_o / 8 and group = s + 1 (s > 1), which give exactly the LongEmbed paper's two
+    settings (arXiv 2404.12096, section 4 / Table 2): E5-RoPE-Base 512 -> 4k, g = 9, w = 64 (the
+    60.8 row); E5-Mistral 4k -> 32k, g = 9, w = 512 (``scripts/run_long_embed.sh mistral_se``:
+    ``--group_size_1 9 --group_size_2 512``). That script's ``e5rope_se`` entry runs g = 17,
+    w = 32 instead: ``selfextend(group=17,window=32)``.
     """
 
     name = "selfextend"
@@ -266,7 +332,7 @@ class SelfExtend(Extension):
         return self
 
     @contextmanager
-    def patched(self, model, length):
+    def patched(self, model, lengths, width):
         from dewey_lab.eval.self_extend import self_extend_layers
 
         with self_extend_layers(model, self.g, self.w):
@@ -306,11 +372,11 @@ def parse_extension(spec: str | Extension | None) -> Extension | None:
 
 
 def _ape_kwargs(model, position_ids: Tensor) -> dict:
-    """Forward arguments for APE models: explicit positions, and token types (BERT would otherwise
-    gather them from a buffer of L_o entries)."""
+    """Forward arguments for APE models: explicit (B or 1, T) positions, and token types (BERT would
+    otherwise gather them from a buffer of L_o entries)."""
     offset = POSITION_OFFSET.get(model.config.model_type, 0) * (model.config.pad_token_id + 1)
     device = next(model.parameters()).device
-    pos = (position_ids + offset).unsqueeze(0).to(device)
+    pos = (position_ids + offset).to(device)
     kwargs = {"position_ids": pos}
     if getattr(model.config, "type_vocab_size", 0):
         kwargs["token_type_ids"] = torch.zeros_like(pos)
@@ -344,14 +410,20 @@ def _global_rope(model, change):
 
 
 # -- attention scaling --------------------------------------------------------------------------
-_SCALE: contextvars.ContextVar[tuple[str, float]] = contextvars.ContextVar("dewey_attention_scale")
+_SCALE: contextvars.ContextVar[tuple[str, Tensor]] = contextvars.ContextVar("dewey_attention_scale")
 SCALED = "dewey_scaled"
 
 
+def length_scale(lengths: Tensor, original: int) -> Tensor:
+    """(B,) max(1, log L / log L_o) for each sequence's own length L."""
+    return (torch.log(lengths.double().clamp_min(1)) / math.log(original)).clamp_min(1.0).float()
+
+
 def _scaled_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    base, factor = _SCALE.get()
+    base, factor = _SCALE.get()  # factor: (B,) one per sequence
     if getattr(module, "sliding_window", None) is None:  # ModernBERT's local layers keep their scale
-        scaling = (scaling if scaling is not None else query.shape[-1] ** -0.5) * factor
+        # logits x f_b for row b: scaling the queries of row b by f_b is the same thing
+        query = query * factor.to(query.device, query.dtype).view(-1, 1, 1, 1)
     return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
@@ -361,14 +433,15 @@ AttentionMaskInterface.register(SCALED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 @contextmanager
-def scaled_attention(model, length: int, original: int):
-    """Attention logits x max(1, log L / log L_o) inside the block (sdpa-family backends)."""
+def scaled_attention(model, lengths: Tensor, original: int):
+    """Attention logits x max(1, log L / log L_o) inside the block, L each row's own length in
+    ``lengths`` (B,) (sdpa-family backends). The reference (its BERT path) does the same per sequence."""
     config = model.config
     base = config._attn_implementation
     if base not in ("sdpa", BANDED):
         raise ValueError(f"attention_scaling needs the sdpa attention backend, not {base}; "
                          "load the model with attn_implementation sdpa")
-    token = _SCALE.set((base, max(1.0, math.log(length) / math.log(original))))
+    token = _SCALE.set((base, length_scale(torch.as_tensor(lengths).reshape(-1), original)))
     config._attn_implementation = SCALED
     try:
         yield

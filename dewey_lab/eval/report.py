@@ -34,9 +34,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _run(row: dict) -> str:
-    """``single``, or ``single + pcw`` when the row ran through an extension."""
+    """``single``, or ``single + pcw to 4096`` when the row ran through an extension (to its target length)."""
     ext = row.get("extension", "none")
     label = row["mode"] if ext == "none" else f"{row['mode']} + {ext}"
+    if ext != "none" and row.get("target"):  # the same method to 1k and to 4k are two runs (s = 2, s = 8)
+        label += f" to {row['target']}"
     return f"{row['model']}: {label}" if "model" in row else label  # a study's rows name their model
 
 

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         for label, retriever, max_length in runs:
             for row in evaluate(retriever, tasks, max_length):
                 name = retriever.name + (f" (L_o {x.window})" if x.window else "")  # two runs of one model differ
-                rows.append({**row, "extension": label, **({"model": name} if a.runs else {})})
+                rows.append({**row, "extension": label, **({"target": max_length} if label != "none" else {}),
+                             **({"model": name} if a.runs else {})})
     first = prepared[0][0][0][1]
     settings = {"tasks": a.tasks, "mode": a.mode, "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries,
                 "n_docs": a.n_docs}

@@ -66,8 +66,9 @@ def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_ma
     logits = self_extend_logits(q, k, rotary.full_attention_inv_freq, self._dewey_g, self._dewey_w,
                                 rotary.full_attention_attention_scaling)
     scaling = self.head_dim ** -0.5
-    scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active
-    logits = logits.float() * (scaling * (scaled[1] if scaled else 1.0))
+    scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active: (B,) factors, one per sequence
+    factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0
+    logits = logits.float() * scaling * factor
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attention_mask, float("-inf"))
