@@ -146,9 +146,8 @@ class Encoder:
     @property
     def dim(self) -> int:
         head = self.embedder.head
-        if isinstance(head, torch.nn.Linear):
-            return head.out_features
-        return self.embedder.model.config.hidden_size
+        linears = [m for m in (head.modules() if head is not None else ()) if isinstance(m, torch.nn.Linear)]
+        return linears[-1].out_features if linears else self.embedder.model.config.hidden_size
 
 
 def _best_window(a: int, b: int, starts: list[int], room: int) -> int:

@@ -64,8 +64,8 @@ class Embedder:
         model: the encoder (a transformers model, or a student's ModernBertModel).
         tokenizer: its fast tokenizer (offsets are used to tell text from prompt tokens).
         head: applied after pooling (a trained student's projection); None for none.
-        pooling: single-vector pooling, one of ``cls``, ``mean``, ``cls_mean``, ``last`` (decoders: an EOS
-            token is appended to every input unless the tokenizer already ends it with one).
+        pooling: single-vector pooling, one of ``cls``, ``mean``, ``cls_mean``, ``last`` (the last attended
+            token; an EOS is appended to every input unless the tokenizer ends it with one or has none).
         mean_over: ``content`` (text tokens) or ``all`` (every attended token, sentence-transformers).
         max_length: tokens per passage, special tokens included; longer passages are truncated.
         query_prompt, passage_prompt: prepended to queries / passages (never pooled by ``content``);
@@ -85,9 +85,6 @@ class Embedder:
                  dtype: torch.dtype | None = None, extension=None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
-        if pooling == "last" and tokenizer.eos_token_id is None:
-            raise ValueError("pooling last needs a tokenizer with an EOS token (decoder embedders append one); "
-                             "use cls or mean for this model")
         if mean_over not in ("content", "all"):
             raise ValueError(f"mean_over must be content or all, got {mean_over!r}")
         if not 0 <= chunk_overlap < chunk_size:

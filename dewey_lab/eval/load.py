@@ -3,8 +3,12 @@
 * ``*.ckpt`` (a DistillModule checkpoint from ``dewey-lab fit``): the student and its projection
   head are rebuilt from the saved hyper-parameters; vectors live in the teacher's space, as trained.
 * a sentence-transformers directory or hub id: the transformer's weights, with the pooling
-  (cls / mean) and the query / document prompts its own config declares, so a baseline scores as
-  it does in sentence-transformers.
+  (cls / mean / lasttoken), Dense head(s) and the query / document prompts its own config declares,
+  so a baseline scores as it does in sentence-transformers. A module or pooling mode we cannot
+  reproduce is a one-line error, never a silent substitute.
+* a decoder embedder (E5-Mistral, Linq-Embed-Mistral, Qwen3-Embedding; any causal-LM backbone):
+  last-token pooling over an appended EOS with right padding, an instruction on queries only,
+  bf16 weights on CUDA, and the RoPE extensions (pi, ntk, yarn) on its layers.
 * any other transformers encoder (directory or hub id): mean pooling unless told otherwise.
 
 The window (``max_length``) is the model's position table, capped by the tokenizer's limit: 512
@@ -54,9 +58,11 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
 
     Args:
         model: hub id, local directory, ``pkg://`` packaged model, or a ``.ckpt`` from training.
-        pooling: cls, mean or cls_mean; default: the sentence-transformers config, else mean.
+        pooling: cls, mean, cls_mean or last; default: the sentence-transformers config, else last for a
+            decoder (E5-Mistral style: EOS appended, right padding) and mean for an encoder.
         max_length: tokens per passage; default: the model's window.
-        query_prompt, passage_prompt: default: the prompts the model declares, else none.
+        query_prompt, passage_prompt: default: the prompts the model declares, else none (a decoder's
+            queries get LongEmbed's E5-Mistral instruction, its passages nothing).
         device, dtype: auto picks CUDA + bf16 when present, else CPU + fp32.
         revision: hub revision (a commit pins it).
         extension: a context-window extension (an Extension or a name like ``pi``); ``max_length``
@@ -74,19 +80,53 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
     st = _sentence_transformers_config(path, local, revision)
     config = AutoConfig.from_pretrained(path, local_files_only=local, revision=revision)
     tokenizer = load_tokenizer(model)
+    decoder = is_decoder(config)
+    load_kwargs = {}
+    if decoder:
+        if getattr(config, "sliding_window", None) is not None and config.model_type == "mistral":
+            # LongEmbed's reference sets sliding_window = None for E5-Mistral: one full-attention pass
+            log.info("%s: Mistral's %d-token sliding window is switched off, as LongEmbed's reference does",
+                     model, config.sliding_window)
+            config.sliding_window = None
+        if dt == torch.bfloat16:  # a 7B decoder: bf16 weights, not fp32 ones under autocast
+            load_kwargs["dtype"] = torch.bfloat16
     net = AutoModel.from_pretrained(path, config=config, local_files_only=local, revision=revision,
-                                    attn_implementation=_attn_for(config)).to(dev)
+                                    attn_implementation=_attn_for(config), **load_kwargs).to(dev)
     prompts = st.get("prompts", {})
     head = st.get("head")
+    default_pooling = st.get("pooling", "last" if decoder else "mean")
     e = Embedder(
-        net, tokenizer, head=head.to(dev) if head is not None else None, pooling=pooling or st.get("pooling", "mean"),
+        net, tokenizer, head=head.to(dev) if head is not None else None, pooling=pooling or default_pooling,
         mean_over=st.get("mean_over", "content"), max_length=st.get("max_length") or window_of(config, tokenizer),
-        query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
+        query_prompt=_query_prompt(prompts, decoder) if query_prompt is None else query_prompt,
         passage_prompt=(prompts.get("document", prompts.get("passage", "")) if passage_prompt is None
                         else passage_prompt),
         name=_display_name(model, path, local), fingerprint=model_fingerprint(model, revision),
         device=dev, dtype=dt, **kwargs)
     return extend(e, extension, max_length, window)
+
+
+DECODER_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+"""The query instruction LongEmbed's reference gives E5-Mistral on every task (its "Needles" task definition)."""
+
+
+def is_decoder(config) -> bool:
+    """A causal LM backbone (Mistral, Llama, Qwen, ...): in transformers' causal-LM table and not an
+    encoder with a masked-LM head too (BERT and ModernBERT are in both)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", "")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _query_prompt(prompts: dict, decoder: bool) -> str:
+    """The declared query prompt (``query``; E5-Mistral's files name it ``web_search_query``); a decoder
+    that declares none gets LongEmbed's instruction. Passages of decoders take no prompt."""
+    if "query" in prompts:
+        return prompts["query"]
+    if decoder:
+        return prompts.get("web_search_query", DECODER_INSTRUCTION)
+    return ""
 
 
 def extend(embedder: Embedder, extension=None, max_length: int | None = None, window: int | None = None) -> Embedder:
@@ -123,69 +163,104 @@ def _attn_for(config) -> str:
     return pick_attn_implementation("auto") if config.model_type == "modernbert" else "sdpa"
 
 
+ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "WordWeights")
+"""sentence-transformers module types ``dewey-lab eval`` reproduces; any other is refused, never skipped."""
+ST_POOLINGS = {("cls",): "cls", ("mean",): "mean", ("cls", "mean"): "cls_mean", ("lasttoken",): "last"}
+"""sentence-transformers pooling modes -> ours (``cls`` + ``mean`` is what ``dewey-lab export`` writes)."""
+DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
+
+
 def _sentence_transformers_config(path: str, local: bool, revision: str | None) -> dict:
-    """Pooling mode and prompts from a sentence-transformers layout; {} when it is not one."""
-    def read(name: str) -> dict | None:
+    """Pooling mode, prompts and Dense head from a sentence-transformers layout; {} when it is not one.
+
+    Every module is accounted for: a module type or pooling mode we cannot reproduce is a one-line
+    ValueError naming what is supported, so a model is never scored as something it is not.
+    """
+    def fetch(name: str) -> Path | None:
         if local:
             f = Path(path) / name
-            return json.loads(f.read_text()) if f.exists() else None
+            return f if f.exists() else None
         from transformers.utils import cached_file
 
         try:
             f = cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
         except OSError:
             return None
-        return json.loads(Path(f).read_text()) if f else None
+        return Path(f) if f else None
+
+    def read(name: str) -> dict | None:
+        f = fetch(name)
+        return json.loads(f.read_text()) if f else None
 
     modules = read("modules.json")
     if not modules:
         return {}
     out: dict = {"prompts": (read("config_sentence_transformers.json") or {}).get("prompts", {}),
                  "mean_over": "all"}
+    denses = []
     for mod in modules:
-        kind = mod.get("type", "")
-        if kind.endswith("Pooling"):
+        full = mod.get("type", "")
+        kind = full.rsplit(".", 1)[-1]
+        if kind == "Pooling":
             pool = read(f"{mod['path']}/config.json") or {}
             modes = pool.get("pooling_mode")  # sentence-transformers >= 5; older files name each mode
             modes = [modes] if isinstance(modes, str) else list(modes or [])
             if not modes:
-                modes = [m for m in ("cls", "mean") if pool.get(f"pooling_mode_{m}_token" if m == "cls"
-                                                             else f"pooling_mode_{m}_tokens")]
-            out["pooling"] = "cls_mean" if modes == ["cls", "mean"] else "cls" if modes == ["cls"] else "mean"
-        elif kind.endswith("WordWeights"):  # dewey-lab export: special tokens weigh 0 -> text tokens only
+                flags = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+                         "max": "pooling_mode_max_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                         "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+                modes = [m for m, flag in flags.items() if pool.get(flag)]
+            if tuple(modes) not in ST_POOLINGS:
+                raise ValueError(f"{path}: sentence-transformers pooling {'+'.join(modes) or '(none)'} is not supported "
+                                 f"by dewey-lab eval; supported: {', '.join('+'.join(k) for k in ST_POOLINGS)}")
+            out["pooling"] = ST_POOLINGS[tuple(modes)]
+        elif kind == "WordWeights":  # dewey-lab export: special tokens weigh 0 -> text tokens only
             out["mean_over"] = "content"
-        elif kind.endswith("Dense"):
-            out["dense"] = mod["path"]
+        elif kind == "Dense":
+            denses.append(mod["path"])
+        elif kind not in ("Transformer", "Normalize"):  # Normalize: we always normalise (cosine scoring)
+            raise ValueError(f"{path}: sentence-transformers module {full or '(no type)'} is not supported by "
+                             f"dewey-lab eval, which would score a different model; supported: {', '.join(ST_MODULES)}")
     exported = read("dewey_lab.json")  # dewey-lab export records the max length it was built for
     if exported:
         out["max_length"] = exported["max_length"]
-    if out.get("dense") and local:
-        out["head"] = _dense_head(Path(path) / out["dense"], halves=out.get("pooling") == "cls_mean")
+    if denses:
+        layers = [_dense_layers(fetch, d, halves=(i == 0 and out.get("pooling") == "cls_mean"))
+                  for i, d in enumerate(denses)]
+        flat = [m for layer in layers for m in layer]
+        out["head"] = flat[0] if len(flat) == 1 else torch.nn.Sequential(*flat)
     return out
 
 
-def _dense_head(folder: Path, halves: bool) -> torch.nn.Linear:
-    """A sentence-transformers Dense (identity activation, as dewey-lab export writes) as a Linear."""
-    cfg = json.loads((folder / "config.json").read_text())
-    act = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity"))
-    if not act.endswith("Identity"):
-        raise ValueError(f"{folder}: Dense with activation {act} is not supported; only identity (dewey-lab export)")
-    weights = folder / "model.safetensors"
-    if weights.exists():
+def _dense_layers(fetch, folder: str, halves: bool) -> list[torch.nn.Module]:
+    """A sentence-transformers Dense as [Linear] or [Linear, activation]; one-line error for the rest."""
+    cfg_file = fetch(f"{folder}/config.json")
+    if cfg_file is None:
+        raise ValueError(f"Dense module {folder}/ has no config.json; the model files are incomplete")
+    cfg = json.loads(cfg_file.read_text())
+    act = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
+    if act not in DENSE_ACTIVATIONS:
+        raise ValueError(f"{folder}: Dense activation {act} is not supported by dewey-lab eval; "
+                         f"supported: {', '.join(DENSE_ACTIVATIONS)}")
+    weights = fetch(f"{folder}/model.safetensors")
+    if weights is not None:
         from safetensors.torch import load_file
 
         state = load_file(str(weights))
     else:
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        legacy = fetch(f"{folder}/pytorch_model.bin")
+        if legacy is None:
+            raise ValueError(f"Dense module {folder}/ has no model.safetensors or pytorch_model.bin")
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
     w, b = state["linear.weight"], state.get("linear.bias")
     if halves:  # [cls, mean] -> 0.5 W (cls + mean): the Embedder pools cls_mean first, then W
         w = 2 * w[:, : w.shape[1] // 2]
-    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     with torch.no_grad():
-        head.weight.copy_(w)
+        linear.weight.copy_(w)
         if b is not None:
-            head.bias.copy_(b)
-    return head
+            linear.bias.copy_(b)
+    return [linear] if act == "Identity" else [linear, getattr(torch.nn, act)()]
 
 
 def load_checkpoint(path: str):
