@@ -278,10 +278,13 @@ def test_invalid_json_line(tmp_path):
 def test_duplicate_doc_id(tmp_path):
     shutil.copytree(LONGEMBED / "qmsum", tmp_path / "qmsum")
     rows = read_rows(tmp_path / "qmsum" / "corpus.jsonl")
-    write_jsonl(tmp_path / "qmsum" / "corpus.jsonl", rows + rows[:1])
+    write_jsonl(tmp_path / "qmsum" / "corpus.jsonl", rows + rows[:1])  # an exact repeat: dropped, counted
+    (task,) = load_longembed("qmsum", source=str(tmp_path))
+    assert len(task.corpus) == len(rows) and task.meta["warnings"] == {"duplicate_rows": 1}
+    write_jsonl(tmp_path / "qmsum" / "corpus.jsonl", rows + [{**rows[0], "text": "another text"}])
     with pytest.raises(ValueError) as excinfo:
         load_longembed("qmsum", source=str(tmp_path))
-    assert "row 6: duplicate doc_id 'qmsum-0'" in one_line(excinfo)
+    assert "row 6: duplicate doc_id 'qmsum-0' with a different text" in one_line(excinfo)
 
 
 def test_qrels_naming_an_unknown_document(tmp_path):

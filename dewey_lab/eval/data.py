@@ -76,15 +76,21 @@ class _Table:
 
     where: str  # a file path, or "<repo> <name>/<split>" for the hub
     rows: list[tuple[int, dict[str, Any]]]  # (1-based jsonl line, or parquet / hub row number; row)
+    non_utf8: int = 0  # jsonl lines whose invalid UTF-8 bytes were replaced by U+FFFD
+    duplicates: int = 0  # rows repeating an earlier row's id and text exactly (dropped)
 
 
 # --- reading ------------------------------------------------------------------------------------
 
 
 def _read_jsonl(path: Path) -> _Table:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    rows, non_utf8 = [], 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:  # a stray Latin-1 byte should not cost the whole task: replace, count
+                line, non_utf8 = raw.decode("utf-8", errors="replace"), non_utf8 + 1
             if not line.strip():  # tolerate blank lines, e.g. a trailing newline
                 continue
             try:
@@ -95,7 +101,9 @@ def _read_jsonl(path: Path) -> _Table:
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
             rows.append((line_no, row))
-    return _Table(str(path), rows)
+    if non_utf8:
+        log.warning("%s: %d line(s) held bytes that are not UTF-8; they were replaced by U+FFFD", path, non_utf8)
+    return _Table(str(path), rows, non_utf8=non_utf8)
 
 
 def _read_parquet(path: Path) -> _Table:
@@ -207,9 +215,14 @@ def _relevance(table: _Table, number: int, row: dict[str, Any]) -> int:
 
 
 def _put(target: dict[str, str], key: str, text: str, table: _Table, number: int, kind: str) -> None:
-    # A repeated id would silently replace the earlier text and change the candidate set.
+    # An exact repeat (same id, same text) changes nothing: dropped and counted. A repeated id with
+    # other text would silently replace the earlier one and change the candidate set: refused.
     if key in target:
-        raise ValueError(f"{table.where} row {number}: duplicate {kind} {key!r}; ids must be unique")
+        if target[key] == text:
+            table.duplicates += 1
+            return
+        raise ValueError(f"{table.where} row {number}: duplicate {kind} {key!r} with a different text; ids must "
+                         "be unique (rename one, or drop the row that is wrong)")
     target[key] = text
 
 
@@ -261,11 +274,24 @@ def _longembed_tasks(
         present = [None]  # empty files: let validate() report the empty corpus
 
     metric = "ndcg@1" if synthetic else "ndcg@10"  # Acc@1 per length for the synthetic tasks, as in LongEmbed
+    warned = _load_warnings(corpus, queries, qrels)
+    meta = {**meta, "warnings": warned} if warned else meta
     return [
         RetrievalTask(name=name, corpus=docs.get(length, {}), queries=qs.get(length, {}),
                       qrels=rels.get(length, {}), metric=metric, length=length, meta=dict(meta)).validate()
         for length in present
     ]
+
+
+def _load_warnings(*tables: _Table) -> dict[str, int]:
+    """What reading the files repaired, counted (reported with the task's scores)."""
+    out = {"non_utf8_lines": sum(t.non_utf8 for t in tables), "duplicate_rows": sum(t.duplicates for t in tables)}
+    for key in [k for k, v in out.items() if not v]:
+        del out[key]
+    if out.get("duplicate_rows"):
+        log.warning("%s: %d row(s) repeat an earlier row's id and text exactly; dropped",
+                    ", ".join(t.where for t in tables if t.duplicates), out["duplicate_rows"])
+    return out
 
 
 def _qrel_lengths(
@@ -327,6 +353,8 @@ def _loco_tasks(
                              "expected a list of pids")
         if pids:
             rels[subset][qid] = {str(pid): 1 for pid in pids}
+    warned = _load_warnings(queries, documents)
+    meta = {**meta, "warnings": warned} if warned else meta
     return [
         RetrievalTask(name=f"loco/{s}", corpus=docs[s], queries=qs[s], qrels=rels[s], metric="ndcg@10",
                       meta={**meta, "subset": s}).validate()

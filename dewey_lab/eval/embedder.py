@@ -38,6 +38,7 @@ from dewey_lab.pooling import masked_mean, span_mean
 
 POOLINGS = ("cls", "mean", "cls_mean", "last")
 BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-window SDPA
+CHARS_PER_TOKEN_BOUND = 32  # characters per token no real text exceeds on average (English: about 4)
 
 
 @dataclass
@@ -114,14 +115,23 @@ class Embedder:
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[Item]:
         """Tokenise with offsets (one batched call); mark text tokens; lay out chunk windows."""
         full = [prompt + t for t in texts]
-        enc = self.tokenizer(full, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
-                             return_special_tokens_mask=True)
+        # a 1M-token passage is cut to what max_length tokens can take before it is tokenised (a text whose
+        # cut yields fewer tokens than that, e.g. mostly whitespace, is tokenised whole)
+        limit = CHARS_PER_TOKEN_BOUND * self.max_length
+        kwargs = {"truncation": True, "max_length": self.max_length, "return_offsets_mapping": True,
+                  "return_special_tokens_mask": True}
+        enc = self.tokenizer([t[:limit] for t in full], **kwargs)
+        rows = [(enc["input_ids"][i], enc["offset_mapping"][i], enc["special_tokens_mask"][i]) for i in range(len(full))]
+        for i, text in enumerate(full):
+            if len(text) > limit and len(rows[i][0]) < self.max_length:
+                one = self.tokenizer(text, **kwargs)
+                rows[i] = (one["input_ids"], one["offset_mapping"], one["special_tokens_mask"])
         p = len(prompt)
         eos = self.tokenizer.eos_token_id if self.pooling == "last" else None
         items = []
-        for i, text in enumerate(full):
-            ids, offsets = list(enc["input_ids"][i]), list(enc["offset_mapping"][i])
-            content = text_token_mask(enc["special_tokens_mask"][i], offsets, p)
+        for text, (ids, offsets, special) in zip(full, rows):
+            ids, offsets = list(ids), list(offsets)
+            content = text_token_mask(special, offsets, p)
             if eos is not None and (not ids or ids[-1] != eos):  # E5-Mistral: tokenise to max_length - 1, add EOS
                 if len(ids) >= self.max_length:
                     ids, offsets, content = ids[:-1], offsets[:-1], content[:-1]

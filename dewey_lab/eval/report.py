@@ -76,6 +76,10 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {mode} | " + " | ".join(f"{s[t]:.2f}" if t in s else "" for t in tasks) + " |")
     if any(r["truncated"] for r in rows):
         lines += ["", "† passages longer than the model's window were truncated to it (no extension method)."]
+    warned = {r["task"] + (f"@{r['length']}" if r["length"] else ""): r["warnings"] for r in rows if r.get("warnings")}
+    if warned:
+        lines += ["", "Read with care (counted in the files):", ""]
+        lines += [f"- {task}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in w.items()) for task, w in warned.items()]
     return "\n".join(lines) + "\n"
 
 

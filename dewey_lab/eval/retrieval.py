@@ -134,12 +134,22 @@ class BM25Retriever:
         self.truncated = 0
 
     def score(self, task: RetrievalTask) -> dict[str, Tensor]:
+        """{"bm25": (Q, N)}: a query with no word token in the corpus' vocabulary (``****``, an empty
+        line, only stopwords) scores 0 against every passage; a passage without words scores 0."""
         import bm25s
 
         docs = list(task.corpus.values())
-        retriever = bm25s.BM25(k1=self.k1, b=self.b)
-        retriever.index(bm25s.tokenize(docs, stopwords=self.stopwords, show_progress=False), show_progress=False)
         queries = bm25s.tokenize(list(task.judged_queries().values()), stopwords=self.stopwords, return_ids=False,
                                  show_progress=False)  # same lower-casing and stopwords as the index
-        rows = [torch.from_numpy(np.asarray(retriever.get_scores(q), dtype=np.float32)) for q in queries]
-        return {"bm25": torch.stack(rows)}
+        out = torch.zeros(len(queries), len(docs))
+        corpus_tokens = bm25s.tokenize(docs, stopwords=self.stopwords, return_ids=False, show_progress=False)
+        if not any(corpus_tokens):  # bm25s cannot index a corpus without a single word
+            return {"bm25": out}
+        retriever = bm25s.BM25(k1=self.k1, b=self.b)
+        retriever.index(corpus_tokens, show_progress=False)
+        vocab = retriever.vocab_dict
+        for i, q in enumerate(queries):
+            known = [t for t in q if t and t in vocab]  # bm25s raises on a query left with no token
+            if known:
+                out[i] = torch.from_numpy(np.asarray(retriever.get_scores(known), dtype=np.float32))
+        return {"bm25": out}

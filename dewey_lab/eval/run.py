@@ -92,12 +92,16 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
             log.warning("%s: %d of %d passages exceed the %s-token window of %s and were truncated; scores at this "
                         "length measure the window, not the model (use an extension method or a longer window)",
                         task.label, retriever.truncated, len(task.corpus), window, retriever.name)
+        warned = task.warnings()
+        if warned:
+            log.warning("%s: %s", task.label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in warned.items()))
         qids = list(task.judged_queries())
         for mode, s in scores.items():
             m = retrieval_metrics(s, qids, list(task.corpus), task.qrels)
             rows.append({"task": task.name, "length": task.length, "mode": mode, "main_metric": task.metric,
                          "main": m[task.metric], **m, "n_queries": len(qids), "n_docs": len(task.corpus),
-                         "truncated": retriever.truncated, "seconds": round(seconds, 2)})
+                         "truncated": retriever.truncated, "seconds": round(seconds, 2),
+                         **({"warnings": warned} if warned else {})})
     return rows
 
 

@@ -6,6 +6,7 @@ returns these, and every retriever (dense single- or multi-vector, BM25) scores 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 MAIN_METRICS = ("ndcg@1", "ndcg@10")
@@ -56,3 +57,17 @@ class RetrievalTask:
     def judged_queries(self) -> dict[str, str]:
         """Queries with at least one relevant document (MTEB and trec_eval score only these)."""
         return {q: t for q, t in self.queries.items() if any(r > 0 for r in self.qrels.get(q, {}).values())}
+
+    def warnings(self) -> dict[str, int]:
+        """Counted oddities a score should be read with: what loading repaired (``meta["warnings"]``:
+        non-UTF-8 lines, exact duplicate rows) and texts no lexical retriever can match (BM25 scores
+        them 0; a dense model still embeds them). Zero counts are left out."""
+        judged = self.judged_queries().values()
+        out = {**self.meta.get("warnings", {}),
+               "empty_queries": sum(not q.strip() for q in judged),
+               "queries_without_words": sum(bool(q.strip()) and not _WORD.search(q) for q in judged),
+               "passages_without_words": sum(not _WORD.search(p) for p in self.corpus.values())}
+        return {k: v for k, v in out.items() if v}
+
+
+_WORD = re.compile(r"\w\w")  # bm25s's token pattern is two or more word characters
