@@ -93,3 +93,15 @@ def test_extension_study_smoke_run(tmp_path, tokenizer):
     assert ("tiny-modernbert (L_o 64)", "yarn(attention_scaling=True)") in labels
     assert {r["length"] for r in payload["rows"]} == {96, 160}
     assert "tiny-modernbert (L_o 64): single + ntk to 160" in md
+
+
+def test_gp_and_pi_leave_short_passages_alone(tmp_path):
+    """At a length within the window (128 of 512 tokens), none, gp and pi score the same: an input of L_o
+    tokens or fewer is read unextended, queries included, though the target is 1k (s = 2)."""
+    payload, _ = _run(tmp_path, "--model", OFFLINE_TEACHER, "--tasks", "passkey", "--lengths", "128,1k",
+                      "--n_queries", "6", "--n_docs", "12", "--extension", "none,gp,pi")
+    at = {(r["extension"], r["length"]): r for r in payload["rows"]}
+    assert {e for e, _ in at} == {"none", "gp", "pi"}
+    for metric in ("ndcg@1", "ndcg@10", "recall@10"):
+        assert at[("gp", 128)][metric] == at[("pi", 128)][metric] == at[("none", 128)][metric]
+    assert at[("gp", 128)]["target"] == 1024 and at[("none", 128)]["truncated"] == 0
