@@ -126,3 +126,22 @@ def self_extend_attention(module, hidden: torch.Tensor, inv_freq: torch.Tensor, 
     attn = torch.softmax(logits * module.head_dim ** -0.5, dim=-1)
     out = (attn @ v).transpose(1, 2).reshape(B, L, -1).to(hidden.dtype)
     return module.Wo(out)
+
+
+def causal_self_extend_attention(module, hidden: torch.Tensor, inv_freq: torch.Tensor,
+                                 distance: torch.Tensor) -> torch.Tensor:
+    """One Llama-family attention layer (grouped key/value heads) with each pair rotated by its SelfExtend
+    distance and keys after the query masked out."""
+    B, L, _ = hidden.shape
+    q = module.q_proj(hidden).view(B, L, -1, module.head_dim).transpose(1, 2).double()
+    k = module.k_proj(hidden).view(B, L, -1, module.head_dim).transpose(1, 2).double()
+    v = module.v_proj(hidden).view(B, L, -1, module.head_dim).transpose(1, 2).double()
+    group = q.shape[1] // k.shape[1]  # query heads per key/value head
+    k, v = k[:, [h // group for h in range(q.shape[1])]], v[:, [h // group for h in range(q.shape[1])]]
+    half = module.head_dim // 2
+    qc, kc = torch.complex(q[..., :half], q[..., half:]), torch.complex(k[..., :half], k[..., half:])
+    phase = torch.exp(-1j * distance[..., None].double() * inv_freq.double())
+    logits = (qc[:, :, :, None, :] * kc[:, :, None, :, :].conj() * phase).real.sum(-1) * module.head_dim ** -0.5
+    future = torch.ones(L, L, dtype=torch.bool).triu(1)
+    attn = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    return module.o_proj((attn @ v).transpose(1, 2).reshape(B, L, -1).to(hidden.dtype))

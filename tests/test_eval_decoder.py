@@ -99,10 +99,31 @@ def test_rope_extensions_on_decoder_layers(decoder, spec):
         assert (ext[0] - plain[0]).abs().max() > 1e-4
 
 
-def test_selfextend_refuses_a_decoder_in_one_line(decoder):
-    with pytest.raises(ValueError, match="ModernBERT") as err:
-        extend(decoder, "selfextend", 4 * WINDOW)
-    assert "\n" not in str(err.value)
+def test_selfextend_on_decoder_layers_equals_per_pair_distances(decoder):
+    import copy
+
+    from tests.longembed_reference import causal_self_extend_attention, self_extend_distance
+
+    model, L, g, w = decoder.model, 150, 3, 8
+    ids = torch.randint(1000, 5000, (1, L), generator=torch.Generator().manual_seed(4))
+    ext = extend(decoder, f"selfextend(group={g},window={w})", 4 * WINDOW)
+    ours = ext._hidden(ids, torch.ones_like(ids))
+    ref_model = copy.deepcopy(model)
+    distance, inv = self_extend_distance(L, g, w), ref_model.rotary_emb.inv_freq
+    for layer in ref_model.layers:
+        attn = layer.self_attn
+        attn.forward = lambda *a, _m=attn, **k: (causal_self_extend_attention(_m, k.get("hidden_states", a[0] if a
+                                                                                        else None), inv, distance), None)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert torch.allclose(ours, ref, atol=1e-4), f"max diff {(ours - ref).abs().max():.2e}"
+    assert (ours - plain).abs().max() > 1e-2  # not a no-op
+    # padded rows: a batch of this input and a shorter one gives each its own vector
+    texts = ["the river runs past the old stone house " * 15, "a short query"]
+    both = ext.encode_passages(texts, chunks=False).single
+    alone = torch.cat([ext.encode_passages([t], chunks=False).single for t in texts])
+    assert torch.allclose(both, alone, atol=1e-5)
 
 
 def test_eval_cli_scores_a_tiny_decoder(decoder_dir, tmp_path):

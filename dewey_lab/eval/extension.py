@@ -12,7 +12,7 @@ With ``L_o`` the model's window, ``L_t`` the target length and ``s = ceil(L_t / 
 | ``PositionInterpolation`` (pi) | APE, RoPE | inputs longer than L_o: APE table E_t[i*s] = E_o[i], linear between; RoPE positions / s | per input |
 | ``NTK`` | RoPE | theta -> theta * lambda (default lambda = s^(d/(d-2)), "slightly above s") | model level |
 | ``YaRN`` | RoPE | per-frequency blend of interpolation and extrapolation + temperature (transformers' yarn) | model level |
-| ``SelfExtend`` | ModernBERT | normal relative positions within ``window``, grouped by ``group`` beyond, both triangles | model level |
+| ``SelfExtend`` | ModernBERT, decoders | normal relative positions within ``window``, grouped by ``group`` beyond (both triangles on an encoder) | model level |
 
 Two kinds, as in LongEmbed's reference code (``src/encoder_model.py`` of dwzhu-pku/LongEmbed):
 
@@ -299,7 +299,8 @@ class YaRN(Extension):
 
 
 class SelfExtend(Extension):
-    """SelfExtend (model level), bidirectional: ModernBERT's global layers, for every input.
+    """SelfExtend (model level): ModernBERT's global layers (both triangles) or a Llama-family decoder's
+    layers (causal), for every input.
 
     Query i and key j at distance |i - j| <= ``window`` keep their relative position; beyond it both
     are grouped: distance floor(j/g) - floor(i/g) + (window - floor(window/g)), mirrored for keys
@@ -324,9 +325,11 @@ class SelfExtend(Extension):
 
     def bind(self, model, original, target):
         super().bind(model, original, target)
-        if model.config.model_type != "modernbert":
-            raise ValueError(f"extension selfextend is built for ModernBERT's global layers, not "
-                             f"{model.config.model_type}; use ntk, pi or yarn")
+        from dewey_lab.eval.self_extend import decoder_fits
+
+        if model.config.model_type != "modernbert" and not decoder_fits(model):
+            raise ValueError(f"extension selfextend is built for ModernBERT's global layers and Llama-family "
+                             f"decoders, not {model.config.model_type}; use ntk, pi or yarn")
         self.g = self.group if self.group is not None else (self.s + 1 if self.s > 1 else 1)
         self.w = self.window if self.window is not None else max(1, original // 8)
         return self

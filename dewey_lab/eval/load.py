@@ -88,6 +88,7 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
             log.info("%s: Mistral's %d-token sliding window is switched off, as LongEmbed's reference does",
                      model, config.sliding_window)
             config.sliding_window = None
+        config.use_cache = False  # one forward pass per input: no KV cache (32k tokens of keys per layer)
         if dt == torch.bfloat16:  # a 7B decoder: bf16 weights, not fp32 ones under autocast
             load_kwargs["dtype"] = torch.bfloat16
     net = AutoModel.from_pretrained(path, config=config, local_files_only=local, revision=revision,

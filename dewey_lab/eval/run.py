@@ -118,7 +118,8 @@ def parser():
     p.add_argument("--lengths", type=str, default=None, help="synthetic lengths in tokens, e.g. 256,512,1k "
                    "(default: the paper's 256 ... 32k)")
     p.add_argument("--mode", type=str, default="single", help="single, multi or both")
-    p.add_argument("--pooling", type=str, default=None, help="cls, mean or cls_mean (default: the model's own)")
+    p.add_argument("--pooling", type=str, default=None,
+                   help="cls, mean, cls_mean or last (decoders) (default: the model's own)")
     p.add_argument("--max_length", "--max-length", type=int, default=None, help="tokens per passage (default: window)")
     p.add_argument("--query_prompt", "--query-prompt", type=str, default=None)
     p.add_argument("--passage_prompt", "--passage-prompt", type=str, default=None)

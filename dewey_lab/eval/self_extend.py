@@ -1,4 +1,5 @@
-"""SelfExtend (arXiv 2401.01325) for a bidirectional encoder: ModernBERT's global-attention layers.
+"""SelfExtend (arXiv 2401.01325): ModernBERT's global-attention layers (bidirectional) and the
+attention layers of Llama-family decoders (Mistral, Llama, Qwen2/3: causal).
 
 Within ``w`` tokens a query and key keep their true relative position; farther apart, both are
 grouped by ``g`` and shifted by ``w - floor(w/g)`` so the grouped distances continue where the
@@ -12,6 +13,9 @@ RoPE logits depend only on the difference of the two rotation angles, so each ca
 rotated q / k tensors: normal (i, j); keys after (floor(i/g), floor(j/g) + shift); keys before
 (floor(i/g) + shift, floor(j/g)). The three logit matrices are merged by distance, which costs
 O(L^2) memory per layer: fine to ~8k tokens on a CPU, and what the method costs anywhere.
+
+A decoder sees keys before the query only: the causal mask keeps the lower triangle, which is the
+original (causal) SelfExtend: query at floor(i/g) + shift, key at floor(j/g).
 """
 
 from __future__ import annotations
@@ -79,16 +83,52 @@ def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_ma
     return self.out_drop(self.Wo(out)), None
 
 
+def _causal_forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+    """Replacement forward of a Llama-family decoder attention (q/k/v/o projections, grouped key/value
+    heads, Qwen3's q/k norms); same inputs and outputs as the original, no KV cache."""
+    from dewey_lab.eval.extension import _SCALE
+
+    B, L, _ = hidden_states.shape
+    shape = (B, L, -1, self.head_dim)
+    q, k, v = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape), \
+        self.v_proj(hidden_states).view(shape)
+    if getattr(self, "q_norm", None) is not None:  # Qwen3 normalises q and k per head before RoPE
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H or H_kv, L, Dh)
+    k, v = (x.repeat_interleave(self.num_key_value_groups, dim=1) for x in (k, v))
+    rotary = self._dewey_rotary
+    logits = self_extend_logits(q, k, rotary.inv_freq, self._dewey_g, self._dewey_w, rotary.attention_scaling)
+    scaled = _SCALE.get(None)
+    factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0
+    logits = logits.float() * self.scaling * factor
+    pos = torch.arange(L, device=q.device)
+    keep = pos[None, :] <= pos[:, None]  # (L, L) causal: keys at or before the query
+    if attention_mask is not None:
+        keep = keep & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    out = F.softmax(logits, dim=-1).to(v.dtype) @ v  # (B, H, L, Dh)
+    return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), None
+
+
+def decoder_fits(model) -> bool:
+    """A Llama-family decoder whose attention this module can replace (one rotary table for all layers)."""
+    layers = getattr(model, "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers else None
+    return (attn is not None and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and hasattr(getattr(model, "rotary_emb", None), "inv_freq"))
+
+
 @contextmanager
 def self_extend_layers(model, g: int, w: int):
-    """Inside the block, ModernBERT's global attention layers use SelfExtend(g, w); local ones are untouched."""
+    """Inside the block, ModernBERT's global attention layers (local ones are untouched: distances never
+    exceed their window) or every attention layer of a decoder use SelfExtend(g, w)."""
     patched = []
     for layer in model.layers:
-        attn = layer.attn
-        if attn.sliding_window is not None:  # local layers: distances never exceed their window
+        attn = getattr(layer, "attn", None) or layer.self_attn
+        if getattr(attn, "sliding_window", None) is not None and hasattr(layer, "attn"):  # ModernBERT local layer
             continue
         attn._dewey_rotary, attn._dewey_g, attn._dewey_w = model.rotary_emb, g, w
-        attn.forward = types.MethodType(_forward, attn)
+        attn.forward = types.MethodType(_forward if hasattr(layer, "attn") else _causal_forward, attn)
         patched.append(attn)
     try:
         yield
