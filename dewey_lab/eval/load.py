@@ -114,7 +114,10 @@ DECODER_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant pas
 def is_decoder(config) -> bool:
     """A causal LM backbone (Mistral, Llama, Qwen, ...): in transformers' causal-LM table and not an
     encoder with a masked-LM head too (BERT and ModernBERT are in both)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     kind = getattr(config, "model_type", "")
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
