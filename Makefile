@@ -44,6 +44,9 @@ test: setup ## run the test suite (CPU, offline; what CI runs)
 bench: setup ## benchmark suite -> results/bench.md: packed vs padded, vs sentence-transformers, fill, late chunking, long passages (~25 min CPU)
 	$(PY) benchmarks/suite.py $(BENCH)
 
+bench-gpu: ## GPU training throughput, MFU, peak memory (base/large, padded vs packed, compile) -> results/bench-gpu.md; needs no install beyond torch, transformers, lightning, torchmetrics (<8 min; tiny smoke run on a CPU)
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/bench_gpu.py $(BENCH)
+
 tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)
 	$(VENV)/bin/tensorboard --logdir runs
 
@@ -53,4 +56,4 @@ lint: setup ## ruff over the package and tests
 clean: ## remove runs/ and results/ (keeps data/: corpus and teacher cache)
 	rm -rf runs results lightning_logs
 
-.PHONY: help setup train compare eval test bench tensorboard lint clean
+.PHONY: help setup train compare eval test bench bench-gpu tensorboard lint clean

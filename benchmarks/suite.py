@@ -19,8 +19,7 @@ Sections, each on the same student, data and batch within it:
 * ``long``: one long passage's forward time and peak memory at 2k / 8k / 32k tokens.
 * ``cache``: the teacher cache's write / read / lookup throughput and size per million vectors
   (``benchmarks/cache_throughput.py``).
-* ``gpu`` (CUDA only): ModernBERT-base/-large shapes at 2048 in bf16: tokens/s and model FLOP
-  utilisation, flash-attn against SDPA, packed against padded.
+* ``gpu``: a pointer to ``make bench-gpu`` (``benchmarks/bench_gpu.py``), which runs on a bare GPU box.
 
 Each training and long-passage case runs in its own process (``isolated.run_case``); the
 numbers are wall-clock and these machines are noisy, so compare ratios within one run.
@@ -42,16 +41,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own folder, on sys.path
+from bench_gpu import SHAPES  # benchmarks/ is the script's own folder, on sys.path
+from isolated import TINY_STUDENT, run_case
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["fill", "train", "st", "stream", "multivector", "long", "cache", "gpu"]
 TINY = {**TINY_STUDENT, "max_position_embeddings": 131072}
-SHAPES = {  # ModernBERT-base / -large (answerdotai config.json), random init: no hub needed
-    "base": {"hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12},
-    "large": {"hidden_size": 1024, "intermediate_size": 2624, "num_hidden_layers": 28, "num_attention_heads": 16},
-}
-H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM datasheet, dense bf16; H200 has the same compute
 
 
 # -- shared set-up ----------------------------------------------------------------------------------
@@ -156,27 +151,11 @@ def train_case(a, layout: str, shape: str = "tiny", attn: str = "sdpa", device: 
     trainer = L.Trainer(accelerator=device, devices=1, max_steps=a.warmup + a.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0,
-                        precision="bf16-mixed" if device == "gpu" else "32-true", callbacks=[timer])
+                        precision="32-true", callbacks=[timer])
     trainer.fit(module, datamodule=dm)
     out = timer.summary()
     out.update(layout=layout, shape=shape, attn=attn)
-    if device == "gpu":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        params = sum(p.numel() for n, p in module.student.named_parameters() if "embeddings" not in n)
-        cfg = module.student.config
-        out["mfu"] = model_flops_per_second(out, params, cfg) / (H100_BF16_DENSE_TFLOPS * 1e12)
     return out
-
-
-def model_flops_per_second(out: dict, params: int, cfg) -> float:
-    """6 N per real token for the weights, plus attention over each text's own tokens: 12 x hidden x
-    context per layer and token (forward + backward), context = text length on global layers and
-    at most the window on local ones. Padding is not counted: only useful work is."""
-    globals_ = sum(t == "full_attention" for t in cfg.layer_types)
-    locals_ = cfg.num_hidden_layers - globals_
-    ctx = out["mean_text_tokens"]
-    per_token = 6 * params + 12 * cfg.hidden_size * (globals_ * ctx + locals_ * min(ctx, cfg.local_attention))
-    return per_token * out["real_tokens_per_s"]
 
 
 class StepTimer(L.Callback):
@@ -440,26 +419,8 @@ def main() -> None:
         first, *table = out.stdout.strip().splitlines()
         report.add(["## Teacher cache: throughput and size", "",
                     f"`python {Path(script).relative_to(REPO)}`: {first}", "", *table])
-    if "gpu" in sections:
-        if not torch.cuda.is_available():
-            report.add(["## GPU", "", ("Not run: no CUDA device here. On a GPU machine: "
-                        "`python benchmarks/suite.py --sections gpu`.")])
-        else:
-            rows = []
-            for shape in ("base", "large"):
-                for attn in ("flash_attention_2", "sdpa"):
-                    for layout in ("padded", "packed"):
-                        r = run_case(__file__, "train", layout, shape, attn, "gpu", *common)
-                        rows.append(r if isinstance(r, dict) else
-                                    {"shape": shape, "attn": attn, "layout": layout, "error": r})
-            report.add([
-                f"## GPU: ModernBERT shapes at {a.max_length} tokens, bf16-mixed ({torch.cuda.get_device_name(0)})",
-                "", (f"Random-init ModernBERT-base/-large shapes, {a.batch_size} texts per batch; MFU against "
-                f"{H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s dense bf16 (H100/H200 SXM), counting only real tokens."), "",
-                "| model | attention | layout | real tokens/s | MFU | peak GiB |", "|---|---|---|---:|---:|---:|",
-                *[f"| {r['shape']} | {r['attn']} | {r['layout']} | " + (f"failed: {r['error']} | | |" if "error" in r
-                  else f"{fmt(r['real_tokens_per_s'], 0)} | {r['mfu']:.1%} | {fmt(r['peak_gib'], 1)} |")
-                  for r in rows]])
+    if "gpu" in sections:  # the GPU figures have their own self-contained command
+        report.add(["## GPU", "", "See `make bench-gpu` (`benchmarks/bench_gpu.py` -> results/bench-gpu.md)."])
     print(f"wrote {a.out}")
 
 

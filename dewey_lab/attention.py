@@ -19,6 +19,7 @@ or a block-diagonal mask (SDPA, eager) so that no token sees another document.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -85,7 +86,72 @@ def banded(model):
         config._attn_implementation = before
 
 
-VARLEN = {"flash_attention_2", "flash_attention_3"}
+TORCH_VARLEN = "torch_varlen"
+
+
+@functools.cache
+def _torch_varlen_attn():
+    """torch's own FlashAttention varlen kernel with sliding windows, or None where this torch lacks it
+    (feature-detected: ``torch.nn.attention.varlen.varlen_attn`` taking ``window_size``)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    return varlen_attn if "window_size" in inspect.signature(varlen_attn).parameters else None
+
+
+def has_torch_varlen() -> bool:
+    """CUDA present and this torch ships ``varlen_attn`` with sliding windows."""
+    return torch.cuda.is_available() and _torch_varlen_attn() is not None
+
+
+def torch_varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                           dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                           cu_seq_lens_q: Tensor | None = None, cu_seq_lens_k: Tensor | None = None,
+                           max_length_q: int | None = None, max_length_k: int | None = None,
+                           **kwargs) -> tuple[Tensor, None]:
+    """transformers attention interface over ``torch.nn.attention.varlen.varlen_attn``: (B, H, L, Dh) q/k/v
+    -> ((B, L, H, Dh), None), with no (L, L) mask anywhere.
+
+    * Packed rows (``forward_rows`` passes ``cu_seq_lens_q``; B = 1, every text one segment) go to the
+      kernel as they are.
+    * A padded batch (``dewey-lab eval``: ``attention_mask`` is the (B, L) 0/1 mask, as transformers gives
+      flash-attn) is unpadded into segments first and scattered back, padding rows left at 0.
+
+    ModernBERT's local layers attend ``sliding_window - 1`` tokens each side (flash-attn's inclusive
+    bound, as transformers passes it); global layers are unwindowed.
+    """
+    if dropout:
+        raise ValueError("attention dropout is not supported by torch's varlen kernel; set it to 0 (ModernBERT's "
+                         "default) or use attn_implementation sdpa")
+    w = sliding_window - 1 if sliding_window is not None else -1
+    B, H, L, Dh = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(B * L, x.shape[1], Dh) for x in (query, key, value))  # (B*L, H, Dh)
+    keep = None
+    if cu_seq_lens_q is None:  # one text per row: its real tokens are one segment
+        lengths = (attention_mask.sum(1) if attention_mask is not None
+                   else torch.full((B,), L, device=query.device)).to(torch.int32)
+        cu_seq_lens_q = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        max_length_q = int(lengths.max())
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keep = attention_mask.reshape(-1).bool().nonzero().squeeze(1)  # (tokens,)
+            q, k, v = q[keep], k[keep], v[keep]
+    cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    out = _torch_varlen_attn()(q, k, v, cu_seq_lens_q, cu_k, int(max_length_q), int(max_length_k or max_length_q),
+                               scale=scaling, window_size=(w, w), **gqa)
+    if keep is not None:
+        out = out.new_zeros(B * L, H, Dh).index_copy_(0, keep, out)
+    return out.reshape(B, L, H, Dh), None
+
+
+AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention)
+# the mask transformers builds for flash-attn: None, or the (B, L) padding mask (never an (L, L) one)
+AttentionMaskInterface.register(TORCH_VARLEN, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+
+VARLEN = {"flash_attention_2", "flash_attention_3", TORCH_VARLEN}
 """Attention implementations that read ``cu_seq_lens_q``/``_k`` (varlen kernels) for packed rows."""
 
 

@@ -25,8 +25,6 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from typing import Literal
 
-from langchain_text_splitters import RecursiveCharacterTextSplitter
-
 Span = tuple[int, int]
 _WORD = re.compile(r"\S+")
 
@@ -100,6 +98,8 @@ def recursive_spans(text: str, size: int, overlap: int, unit: str = "chars") -> 
     re-emits out of order (e.g. a lone "|" of a table border) falls back to its first occurrence,
     which has the same text and so the same teacher target.
     """
+    from langchain_text_splitters import RecursiveCharacterTextSplitter  # lazy: bench-gpu runs without it
+
     splitter = RecursiveCharacterTextSplitter(chunk_size=size, chunk_overlap=overlap,
                                               length_function=_length_function(unit))
     spans, prev = [], -1

@@ -20,7 +20,6 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from optimi import StableAdamW
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
@@ -244,6 +243,8 @@ class DistillModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
+        from optimi import StableAdamW  # lazy: the model imports where torch-optimi is absent (bench-gpu)
+
         optimizer = StableAdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_linear_schedule_with_warmup(optimizer, min(self.warmup_steps, total // 2), total)

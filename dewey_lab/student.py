@@ -36,8 +36,9 @@ class StudentConfig:
     """RoPE theta of the global-attention layers (ModernBERT: 160,000; Dewey: 73,780,400)."""
     local_rope_theta: float | None = None
     """RoPE theta of the local sliding-window layers (ModernBERT and Dewey: 10,000)."""
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager", "flex_attention"] = "auto"
-    """``auto``: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa."""
+    attn_implementation: Literal["auto", "flash_attention_2", "torch_varlen", "sdpa", "eager", "flex_attention"] = "auto"
+    """``auto``: on CUDA flash_attention_2 when flash-attn imports, else torch_varlen (torch's own varlen
+    kernels, when this torch has them), else sdpa; on a CPU sdpa."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory at long length, ~30% more compute."""
 
@@ -51,13 +52,20 @@ class StudentConfig:
 
 
 def pick_attn_implementation(requested: str = "auto") -> str:
-    """Resolve ``auto``; refuse flash-attn where it cannot run, with the fix in the message."""
+    """Resolve ``auto`` (flash-attn, else torch's varlen kernels, else SDPA on CUDA; SDPA on a CPU);
+    refuse a varlen backend where it cannot run, with the fix in the message."""
+    from dewey_lab.attention import TORCH_VARLEN, has_torch_varlen
+
     has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
     if requested == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
+        return "flash_attention_2" if has_flash else TORCH_VARLEN if has_torch_varlen() else "sdpa"
     if requested == "flash_attention_2" and not has_flash:
         raise RuntimeError("attn_implementation flash_attention_2 needs CUDA and flash-attn "
                            "(pip install -e .[flash]); set model.student.attn_implementation: auto")
+    if requested == TORCH_VARLEN and not has_torch_varlen():
+        raise RuntimeError("attn_implementation torch_varlen needs CUDA and a torch whose "
+                           "torch.nn.attention.varlen.varlen_attn takes window_size; set "
+                           "model.student.attn_implementation: auto")
     return requested
 
 

@@ -79,13 +79,28 @@ def varlen_reference(module, query, key, value, attention_mask, dropout=0.0, sca
 AttentionInterface.register("varlen_reference", varlen_reference)
 
 
+def torch_varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kwargs):
+    """``torch.nn.attention.varlen.varlen_attn`` as its documentation defines it, on any device: (T, H, D)
+    tokens of segments [cu[i], cu[i+1]), each attending within itself; query i sees key j when
+    i - left <= j <= i + right (a side of -1: unbounded)."""
+    left, right = window_size
+    outs = []
+    for a, b in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        pos = torch.arange(b - a)
+        d = pos[None, :] - pos[:, None]  # j - i
+        mask = ((d >= -left) | (left < 0)) & ((d <= right) | (right < 0))
+        outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                                   v[a:b].transpose(0, 1), attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
 @pytest.fixture(scope="module")
 def counting_cache(tmp_path_factory):
     """The counting teacher's 12-d vectors (the shared cache holds the real teacher's 384-d)."""
     return tmp_path_factory.mktemp("counting_cache")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "varlen_reference"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "varlen_reference", attention.TORCH_VARLEN])
 def test_packed_batch_gives_the_unpacked_embeddings(impl, small_corpus_path, counting_cache, monkeypatch):
     dm = _dm(small_corpus_path, counting_cache, CountingTeacher(), max_length=96, batch_size=12, prompt="doc: ",
              max_windows_per_doc=None)  # every window: each document ends in a short one
@@ -101,6 +116,7 @@ def test_packed_batch_gives_the_unpacked_embeddings(impl, small_corpus_path, cou
     assert (packed["position_ids"][packed["token_doc"] >= 0] < 96).all()  # positions restart per text
 
     monkeypatch.setattr(attention, "VARLEN", attention.VARLEN | {"varlen_reference"})
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: torch_varlen_reference)  # the CUDA kernel's CPU stand-in
     torch.manual_seed(0)
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
                          config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
@@ -141,3 +157,41 @@ def test_datamodule_options_check_the_window(small_corpus_path, tmp_path):
         _dm(small_corpus_path, tmp_path, pack=True, pack_length=64, max_length=128)
     with pytest.raises(ValueError, match="batch_tokens"):
         _dm(small_corpus_path, tmp_path, batch_tokens=100, max_length=128)
+
+
+def test_torch_varlen_on_a_padded_batch_equals_sdpa(monkeypatch):
+    """The eval path: a padded (B, L) batch through torch_varlen is unpadded into segments and gives SDPA's
+    states on every real token (padding rows 0), ModernBERT's local windows included."""
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: torch_varlen_reference)
+    torch.manual_seed(0)
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
+                         config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                                 "num_attention_heads": 2, "local_attention": 16, "initializer_range": 0.3})
+    model = DistillModule(student=spec, teacher_dim=12, projection="linear").eval().student
+    lengths = [70, 23, 41]
+    ids = torch.randint(1000, 5000, (3, 70))
+    mask = (torch.arange(70)[None, :] < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.config._attn_implementation = attention.TORCH_VARLEN
+        try:
+            got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        finally:
+            model.config._attn_implementation = "sdpa"
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)  # fp32 summation order
+
+
+def test_auto_picks_torch_varlen_on_cuda_without_flash_attn(monkeypatch):
+    from dewey_lab import student
+
+    monkeypatch.setattr(student.importlib.util, "find_spec", lambda name: None)  # no flash-attn
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert student.pick_attn_implementation("auto") == "sdpa"  # a CPU keeps masked SDPA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: torch_varlen_reference)
+    assert student.pick_attn_implementation("auto") == attention.TORCH_VARLEN
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: None)  # a torch without the kernel
+    assert student.pick_attn_implementation("auto") == "sdpa"
+    with pytest.raises(RuntimeError, match="attn_implementation: auto"):
+        student.pick_attn_implementation(attention.TORCH_VARLEN)

@@ -73,6 +73,8 @@ def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_ma
     scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active: (B,) factors, one per sequence
     factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0
     logits = logits.float() * scaling * factor
+    if attention_mask is not None and attention_mask.dim() == 2:  # flash-style (B, L) padding mask: keys only
+        attention_mask = attention_mask.bool()[:, None, None, :]
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attention_mask, float("-inf"))
@@ -103,7 +105,9 @@ def _causal_forward(self, hidden_states: Tensor, position_embeddings=None, atten
     logits = logits.float() * self.scaling * factor
     pos = torch.arange(L, device=q.device)
     keep = pos[None, :] <= pos[:, None]  # (L, L) causal: keys at or before the query
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dim() == 2:  # flash-style (B, L) padding mask: keys only
+        keep = keep & attention_mask.bool()[:, None, None, :]
+    elif attention_mask is not None:
         keep = keep & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
     logits = logits.masked_fill(~keep, float("-inf"))
     out = F.softmax(logits, dim=-1).to(v.dtype) @ v  # (B, H, L, Dh)
