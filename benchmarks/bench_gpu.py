@@ -25,8 +25,9 @@ FLOPs counted per real token (``train_flops_per_token``): 6 N for the N non-embe
 context forward, x3 with backward), the context being the token's own text on global layers and at
 most the 128-token window on local ones. Padding is not counted: only useful work is.
 
-Each case runs in its own process (peak memory is its own); the whole run stops adding cases when
-its time budget (``--budget``, 420 s) is spent and says which were left out.
+On a GPU each case runs in its own process (peak memory is its own; the smoke run keeps them in one);
+the whole run stops adding cases when its time budget (``--budget``, 420 s) is spent and says which
+were left out.
 """
 
 from __future__ import annotations
@@ -226,17 +227,26 @@ def main(argv: list[str] | None = None) -> None:
         if time.perf_counter() - t0 > a.budget:
             skipped.append(" ".join(case))
             continue
-        r = run_case(__file__, "train", *case, max_length, batch, steps, warmup)
+        r = (_inline(train_case, *case, max_length, batch, steps, warmup) if smoke else  # no peak memory to isolate
+             run_case(__file__, "train", *case, max_length, batch, steps, warmup))
         rows.append(r if isinstance(r, dict) else dict(zip(("shape", "attn", "layout", "compile"), case), error=r))
         print(json.dumps(rows[-1]), file=sys.stderr)
     for shape, tokens in long:
         if time.perf_counter() - t0 > a.budget:
             skipped.append(f"{shape} {tokens}")
             continue
-        r = run_case(__file__, "long", shape, tokens)
+        r = _inline(long_case, shape, tokens) if smoke else run_case(__file__, "long", shape, tokens)
         longs.append(r if isinstance(r, dict) else {"shape": shape, "tokens": tokens, "error": r})
         print(json.dumps(longs[-1]), file=sys.stderr)
     write_report(Path(a.out), rows, longs, skipped, smoke, max_length, batch, steps, time.perf_counter() - t0)
+
+
+def _inline(case, *args) -> dict | str:
+    """A case in this process (smoke mode): its result, or its error's last line as ``run_case`` gives it."""
+    try:
+        return case(*args)
+    except Exception as err:  # noqa: BLE001 - reported in the table, as a failed subprocess case is
+        return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def _f(x, spec: str) -> str:

@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from bench_gpu import SHAPES, TOKENIZER, items_of, lengths_and_ids  # noqa: E402
+from bench_gpu import SHAPES, TOKENIZER, items_of, lengths_and_ids
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -97,11 +97,11 @@ def test_extension_study_smoke_run(tmp_path, tokenizer):
 
 def test_gp_and_pi_leave_short_passages_alone(tmp_path):
     """At a length within the window (128 of 512 tokens), none, gp and pi score the same: an input of L_o
-    tokens or fewer is read unextended, queries included, though the target is 1k (s = 2)."""
-    payload, _ = _run(tmp_path, "--model", OFFLINE_TEACHER, "--tasks", "passkey", "--lengths", "128,1k",
-                      "--n_queries", "6", "--n_docs", "12", "--extension", "none,gp,pi")
+    tokens or fewer is read unextended, queries included, though the target is 640 (s = 2)."""
+    payload, _ = _run(tmp_path, "--model", OFFLINE_TEACHER, "--tasks", "passkey", "--lengths", "128,640",
+                      "--n_queries", "6", "--n_docs", "10", "--extension", "none,gp,pi", "--chunk_size", "128")
     at = {(r["extension"], r["length"]): r for r in payload["rows"]}
     assert {e for e, _ in at} == {"none", "gp", "pi"}
     for metric in ("ndcg@1", "ndcg@10", "recall@10"):
         assert at[("gp", 128)][metric] == at[("pi", 128)][metric] == at[("none", 128)][metric]
-    assert at[("gp", 128)]["target"] == 1024 and at[("none", 128)]["truncated"] == 0
+    assert at[("gp", 128)]["target"] == 640 and at[("none", 128)]["truncated"] == 0
