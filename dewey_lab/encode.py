@@ -18,6 +18,7 @@ covers) never depends on the windowing, and memory is bounded by one window at a
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from dewey_lab.chunking import char_spans_to_token_spans
 from dewey_lab.datamodule import text_token_mask
 from dewey_lab.eval.embedder import POOLINGS, Embedder
 from dewey_lab.pooling import span_mean
+
+log = logging.getLogger(__name__)
 
 Span = tuple[int, int]
 
@@ -69,7 +72,7 @@ class Encoder:
     def encode(self, texts: str | Sequence[str], mode: str | None = None, prompt: str | None = "passage") -> Tensor:
         """(N, D) vectors; ``mode`` is cls, mean or cls_mean (default: the model's); ``prompt`` is
         ``query``, ``passage`` (the model's prompts), ``None`` or a literal string. Texts longer than
-        the window are truncated to it, as every single-vector encoder does."""
+        the window are truncated to it, as every single-vector encoder does, with a warning that counts them."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         e = self.embedder
         if mode is not None and mode != e.pooling:
@@ -77,7 +80,12 @@ class Encoder:
                 raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(POOLINGS)}")
             e = copy.copy(e)
             e.pooling = mode
-        return e.embed(e.tokenize(texts, self._prompt(prompt)), chunks=False).single
+        items = e.tokenize(texts, self._prompt(prompt))
+        cut = sum(it.truncated for it in items)
+        if cut:
+            log.warning("encode: %d of %d texts exceed the %d-token window and were truncated to it; use "
+                        "encode_chunks for their whole text", cut, len(items), e.max_length)
+        return e.embed(items, chunks=False).single
 
     @torch.inference_mode()
     def encode_chunks(self, text: str, chunker: Callable[[str], Sequence[Span]] | object | None = None,

@@ -87,9 +87,20 @@ def export(ckpt: str, out: str, *, pooling: str = "cls", query_prompt: str = "",
     _write_dewey_config(out_dir, ckpt, pooling, query_prompt, passage_prompt, max_length)
     (out_dir / "README.md").write_text(model_card(ckpt, out_dir.name, pooling, query_prompt, passage_prompt,
                                                   max_length, eval_results))
-    if push_to_hub:  # not exercised offline
-        model.push_to_hub(push_to_hub)
+    if push_to_hub:
+        upload(out_dir, push_to_hub)
     return SentenceTransformer(str(out_dir), device="cpu")
+
+
+def upload(folder: Path, repo_id: str) -> None:
+    """Upload the folder ``export`` wrote, as it is: the weights, every module's config, ``dewey_lab.json``
+    and our model card (``SentenceTransformer.push_to_hub`` would re-save the model and drop the last two)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="dewey-lab export")
+    log.info("export: uploaded %s to https://huggingface.co/%s", folder, repo_id)
 
 
 def _dense(projection, hidden: int, halves: bool):

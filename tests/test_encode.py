@@ -133,3 +133,32 @@ def test_encode_chunks_errors(student_ckpt):
     assert small.encode_chunks("   ").vectors.shape == (0, 384)
     with pytest.raises(ValueError, match="use one of cls, mean, cls_mean"):
         small.encode(["x"], mode="max")
+
+
+def test_push_to_hub_uploads_the_exported_folder(student_ckpt, tmp_path, monkeypatch):
+    """--push-to-hub sends the folder export wrote (dewey_lab.json and our model card included), not a
+    re-save by sentence-transformers; offline: the hub client's calls are recorded instead of sent."""
+    from huggingface_hub import HfApi
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, repo_id, **kw: calls.update(
+        folder=folder_path, to=repo_id, files=sorted(str(p.relative_to(folder_path)) for p in
+                                                     __import__("pathlib").Path(folder_path).rglob("*") if p.is_file())))
+    out = tmp_path / "pushed"
+    export(str(student_ckpt), str(out), pooling="cls", push_to_hub="org/tiny-student")
+    assert calls["repo"] == calls["to"] == "org/tiny-student" and calls["folder"] == str(out)
+    assert {"dewey_lab.json", "README.md", "modules.json", "model.safetensors"} <= set(calls["files"])
+    assert "Training config" in (out / "README.md").read_text()  # the card that was sent is ours
+
+
+def test_encode_warns_with_a_count_when_it_truncates(encoder, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    encoder.encode(["short", "word " * 5000, "word " * 6000])
+    (msg,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert msg.startswith("encode: 2 of 3 texts exceed the")
+    caplog.clear()
+    encoder.encode(["short"])
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
