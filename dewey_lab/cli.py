@@ -56,6 +56,19 @@ class DeweyCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             config["ckpt_path"] = self._resume(init)
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Every Trainer writes through SafeCheckpointIO (atomic, finite checkpoints) unless the config names
+        its own CheckpointIO. Added here, not as a trainer default: jsonargparse cannot serialise a plugin
+        instance and warned on every fit and --print_config."""
+        from lightning.pytorch.plugins.io import CheckpointIO
+
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, callbacks)
+
     @staticmethod
     def _resume(logger_args) -> str | None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's runs; the resumed run
@@ -111,8 +124,7 @@ def main(args: list[str] | None = None) -> None:
             args = argv
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                 trainer_defaults={"callbacks": [RunInfo()],  # added to whatever callbacks a config lists
-                                   "plugins": [SafeCheckpointIO()]})  # atomic, finite checkpoints
+                 trainer_defaults={"callbacks": [RunInfo()]})  # added to whatever callbacks a config lists
     except (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError) as err:
         if os.environ.get("DEWEY_TRACEBACK"):
             raise

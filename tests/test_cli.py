@@ -256,3 +256,23 @@ def test_packed_fit_follows_the_padded_loss_curve(tmp_path, small_corpus_path, s
     assert all(p <= q for p, q in zip(packed, padded, strict=True)) and sum(packed) < sum(padded)
     for (step_a, a), (step_b, b) in zip(curves["padded"], curves["packed"], strict=True):
         assert step_a == step_b and abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+def test_trainer_writes_through_safe_checkpoint_io_without_a_serialisation_warning(tmp_path, monkeypatch):
+    """SafeCheckpointIO is attached when the Trainer is built (not as a trainer default, which jsonargparse
+    cannot serialise and warned about on every fit and --print_config); a config's own CheckpointIO wins."""
+    import warnings
+
+    from dewey_lab.checkpoint import SafeCheckpointIO
+    from dewey_lab.cli import BASE_CONFIG, DeweyCLI
+    from dewey_lab.datamodule import DistillDataModule
+    from dewey_lab.module import DistillModule
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli = DeweyCLI(DistillModule, DistillDataModule, run=False, args=["-c", TINY],
+                       parser_kwargs={"parser_mode": "omegaconf+", "default_config_files": [str(BASE_CONFIG)]},
+                       save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+    assert not [w for w in seen if "serialize" in str(w.message)]
