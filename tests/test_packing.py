@@ -60,25 +60,6 @@ def test_token_budget_batches_cover_every_text_once_within_budget(packed):
         assert padded < 0.5 * rand_padded
 
 
-def varlen_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                     cu_seq_lens_q=None, **kwargs):
-    """What flash-attn's varlen kernel computes, segment by segment with plain SDPA: the reference
-    for the ``cu_seqlens`` path that packed batches take on flash-attn."""
-    assert attention_mask is None and query.shape[0] == 1 and cu_seq_lens_q is not None
-    outs = []
-    for a, b in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist()):
-        mask = None
-        if sliding_window is not None:
-            pos = torch.arange(b - a)
-            mask = (pos[:, None] - pos[None, :]).abs() <= sliding_window - 1
-        outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                                   attn_mask=mask, scale=scaling))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("varlen_reference", varlen_reference)
-
-
 def torch_varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kwargs):
     """``torch.nn.attention.varlen.varlen_attn`` as its documentation defines it, on any device: (T, H, D)
     tokens of segments [cu[i], cu[i+1]), each attending within itself; query i sees key j when
@@ -92,6 +73,20 @@ def torch_varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=N
         outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
                                                    v[a:b].transpose(0, 1), attn_mask=mask, scale=scale).transpose(0, 1))
     return torch.cat(outs)
+
+
+def varlen_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     cu_seq_lens_q=None, **kwargs):
+    """What flash-attn's varlen kernel computes, segment by segment with plain SDPA: the reference
+    for the ``cu_seqlens`` path that packed batches take on flash-attn."""
+    assert attention_mask is None and query.shape[0] == 1 and cu_seq_lens_q is not None
+    w = sliding_window - 1 if sliding_window is not None else -1  # flash-attn's inclusive bound
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (L, H, D)
+    out = torch_varlen_reference(q, k, v, cu_seq_lens_q, cu_seq_lens_q, 0, 0, scale=scaling, window_size=(w, w))
+    return out.unsqueeze(0).contiguous(), None
+
+
+AttentionInterface.register("varlen_reference", varlen_reference)
 
 
 @pytest.fixture(scope="module")

@@ -285,9 +285,8 @@ def _longembed_tasks(
 
 def _load_warnings(*tables: _Table) -> dict[str, int]:
     """What reading the files repaired, counted (reported with the task's scores)."""
-    out = {"non_utf8_lines": sum(t.non_utf8 for t in tables), "duplicate_rows": sum(t.duplicates for t in tables)}
-    for key in [k for k, v in out.items() if not v]:
-        del out[key]
+    counts = {"non_utf8_lines": sum(t.non_utf8 for t in tables), "duplicate_rows": sum(t.duplicates for t in tables)}
+    out = {k: v for k, v in counts.items() if v}
     if out.get("duplicate_rows"):
         log.warning("%s: %d row(s) repeat an earlier row's id and text exactly; dropped",
                     ", ".join(t.where for t in tables if t.duplicates), out["duplicate_rows"])

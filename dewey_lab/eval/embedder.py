@@ -164,11 +164,11 @@ class Embedder:
         PCW never splits a query (LongEmbed's reference chunks the corpus only): a query is read
         unextended, cut at the model's own window. Position and model-level extensions see queries
         as any input (GP / RP / PI leave those of L_o tokens or fewer unchanged)."""
+        e = self
         if getattr(self.extension, "splits", False):
-            plain = copy.copy(self)
-            plain.extension, plain.max_length = None, self.window
-            return plain.embed(plain.tokenize(texts, self.query_prompt), chunks=False).single
-        return self.embed(self.tokenize(texts, self.query_prompt), chunks=False).single
+            e = copy.copy(self)
+            e.extension, e.max_length = None, self.window
+        return e.embed(e.tokenize(texts, self.query_prompt), chunks=False).single
 
     def encode_passages(self, texts: Sequence[str], chunks: bool = True) -> Encoded:
         return self.embed(self.tokenize(texts, self.passage_prompt), chunks=chunks)
@@ -230,8 +230,10 @@ class Embedder:
             return self._forward(ids, attn, ext)
         lengths = attn.sum(1)
         short = lengths <= ext.original  # (B,)
-        if bool(short.all()) or not bool(short.any()):
-            return self._forward(ids, attn, None if bool(short.all()) else ext)
+        if bool(short.all()):
+            return self._forward(ids, attn, None)
+        if not bool(short.any()):
+            return self._forward(ids, attn, ext)
         out = None
         for rows, e in ((short, None), (~short, ext)):
             width = int(lengths[rows].max())

@@ -2,8 +2,6 @@
 
 With ``L_o`` the model's window, ``L_t`` the target length and ``s = ceil(L_t / L_o)``:
 
-| class | models | what changes |
-|---|---|---|
 | class | models | what changes | kind |
 |---|---|---|---|
 | ``PCW`` | any | passages split into L_o-token windows (the last = the final tokens), raw window vectors averaged, then normalised | per input |
@@ -225,7 +223,6 @@ class PositionInterpolation(Extension):
     @contextmanager
     def patched(self, model, lengths, width):
         s = float(self.factor or self.s)
-        length = width
         if uses_rope(model.config):
             with _global_rope(model, lambda inv, scale: (inv / s, scale)):
                 yield {}
@@ -234,10 +231,10 @@ class PositionInterpolation(Extension):
         old = emb.position_embeddings
         offset = POSITION_OFFSET.get(model.config.model_type, 0) * (model.config.pad_token_id + 1)
         weight = old.weight[offset:]
-        table = self.table(weight, length)
+        table = self.table(weight, width)
         emb.position_embeddings = nn.Embedding.from_pretrained(torch.cat([old.weight[:offset], table]), freeze=True)
         try:
-            yield _ape_kwargs(model, torch.arange(length)[None, :])
+            yield _ape_kwargs(model, torch.arange(width)[None, :])
         finally:
             emb.position_embeddings = old
 

@@ -59,28 +59,38 @@ def self_extend_logits(q: Tensor, k: Tensor, inv_freq: Tensor, g: int, w: int, s
     return torch.where(d.abs() <= w, normal, torch.where(d > 0, after, before))
 
 
-def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, **kwargs):
-    """Replacement forward of a global ModernBertAttention; same inputs and outputs as the original."""
+def _attend(logits: Tensor, v: Tensor, attention_mask: Tensor | None, scaling: float, causal: bool = False) -> Tensor:
+    """softmax(logits x scaling x each sequence's attention-scaling factor, masked) @ v: (B, H, L, Dh).
+
+    ``attention_mask``: None, a flash-style (B, L) padding mask (keys only), a boolean mask (True: attend)
+    or an additive one; ``causal`` also hides keys after the query (decoders)."""
     from dewey_lab.eval.extension import _SCALE
 
-    B, L, _ = hidden_states.shape
-    qkv = self.Wqkv(hidden_states).view(B, L, 3, -1, self.head_dim)
-    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(dim=-3))  # (B, H, L, Dh)
-    rotary = self._dewey_rotary
-    logits = self_extend_logits(q, k, rotary.full_attention_inv_freq, self._dewey_g, self._dewey_w,
-                                rotary.full_attention_attention_scaling)
-    scaling = self.head_dim ** -0.5
     scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active: (B,) factors, one per sequence
     factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0
     logits = logits.float() * scaling * factor
-    if attention_mask is not None and attention_mask.dim() == 2:  # flash-style (B, L) padding mask: keys only
+    if causal:
+        pos = torch.arange(logits.shape[-1], device=logits.device)
+        logits = logits.masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # keys after the query
+    if attention_mask is not None and attention_mask.dim() == 2:
         attention_mask = attention_mask.bool()[:, None, None, :]
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attention_mask, float("-inf"))
         else:
             logits = logits + attention_mask
-    out = F.softmax(logits, dim=-1).to(v.dtype) @ v  # (B, H, L, Dh)
+    return F.softmax(logits, dim=-1).to(v.dtype) @ v
+
+
+def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+    """Replacement forward of a global ModernBertAttention; same inputs and outputs as the original."""
+    B, L, _ = hidden_states.shape
+    qkv = self.Wqkv(hidden_states).view(B, L, 3, -1, self.head_dim)
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(dim=-3))  # (B, H, L, Dh)
+    rotary = self._dewey_rotary
+    logits = self_extend_logits(q, k, rotary.full_attention_inv_freq, self._dewey_g, self._dewey_w,
+                                rotary.full_attention_attention_scaling)
+    out = _attend(logits, v, attention_mask, self.head_dim ** -0.5)  # (B, H, L, Dh)
     out = out.transpose(1, 2).reshape(B, L, -1)
     return self.out_drop(self.Wo(out)), None
 
@@ -88,8 +98,6 @@ def _forward(self, hidden_states: Tensor, position_embeddings=None, attention_ma
 def _causal_forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, **kwargs):
     """Replacement forward of a Llama-family decoder attention (q/k/v/o projections, grouped key/value
     heads, Qwen3's q/k norms); same inputs and outputs as the original, no KV cache."""
-    from dewey_lab.eval.extension import _SCALE
-
     B, L, _ = hidden_states.shape
     shape = (B, L, -1, self.head_dim)
     q, k, v = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape), \
@@ -100,17 +108,7 @@ def _causal_forward(self, hidden_states: Tensor, position_embeddings=None, atten
     k, v = (x.repeat_interleave(self.num_key_value_groups, dim=1) for x in (k, v))
     rotary = self._dewey_rotary
     logits = self_extend_logits(q, k, rotary.inv_freq, self._dewey_g, self._dewey_w, rotary.attention_scaling)
-    scaled = _SCALE.get(None)
-    factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0
-    logits = logits.float() * self.scaling * factor
-    pos = torch.arange(L, device=q.device)
-    keep = pos[None, :] <= pos[:, None]  # (L, L) causal: keys at or before the query
-    if attention_mask is not None and attention_mask.dim() == 2:  # flash-style (B, L) padding mask: keys only
-        keep = keep & attention_mask.bool()[:, None, None, :]
-    elif attention_mask is not None:
-        keep = keep & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
-    logits = logits.masked_fill(~keep, float("-inf"))
-    out = F.softmax(logits, dim=-1).to(v.dtype) @ v  # (B, H, L, Dh)
+    out = _attend(logits, v, attention_mask, self.scaling, causal=True)  # (B, H, L, Dh)
     return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), None
 
 
