@@ -7,6 +7,8 @@ EXP ?= tiny
 SCALE ?= $(if $(filter tiny dewey,$(EXP)),,tiny)
 # VARIANT=k runs only variant k of a study's sweep (dewey-lab sweep --print lists them)
 VARIANT ?=
+# make test's pytest-xdist workers (2: this project's CI machine has 2 cores; 0 runs in one process)
+TEST_WORKERS ?= 2
 # BENCH='--sections train,st' passes options to benchmarks/suite.py
 BENCH ?=
 VENV ?= .venv
@@ -38,8 +40,11 @@ compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs
 eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EXP).yaml (e.g. EXP=extension_ablation)
 	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml
 
-test: setup ## run the test suite (CPU, offline; what CI runs)
-	$(PY) -m pytest
+test: setup ## run the test suite (CPU, offline; what CI runs), on TEST_WORKERS pytest-xdist workers
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+test-slow: setup ## the slow tests make test leaves out: FSDP1/FSDP2 and 2-process stream kill-and-resume (CPU, gloo)
+	$(PY) -m pytest -m slow
 
 bench: setup ## benchmark suite -> results/bench.md: packed vs padded, vs sentence-transformers, fill, late chunking, long passages (~25 min CPU)
 	$(PY) benchmarks/suite.py $(BENCH)
@@ -53,7 +58,7 @@ tensorboard: setup ## TensorBoard over runs/ (every experiment side by side)
 lint: setup ## ruff over the package and tests
 	$(VENV)/bin/ruff check dewey_lab tests benchmarks
 
-clean: ## remove runs/ and results/ (keeps data/: corpus and teacher cache)
-	rm -rf runs results lightning_logs
+clean: ## remove runs/ (keeps results/: committed evidence; data/: corpus and teacher cache)
+	rm -rf runs lightning_logs
 
-.PHONY: help setup train compare eval test bench bench-gpu tensorboard lint clean
+.PHONY: help setup train compare eval test test-slow bench bench-gpu tensorboard lint clean

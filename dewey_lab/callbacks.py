@@ -159,10 +159,13 @@ class PasskeyCallback(L.Callback):
 
 
 class RunInfo(L.Callback):
-    """Writes ``run_info.json`` next to the run's logs and ``config.yaml``: git revision, package
-    versions, the corpus, chunker and teacher fingerprints, the teacher cache, wall time and
-    whether the run finished, so any run (and any row of a comparison) can be rerun exactly.
-    Added to every ``dewey-lab fit`` by the CLI."""
+    """Writes ``run_info.json`` next to the run's logs and ``config.yaml``: the run's identity (resolved
+    config + data fingerprints, ``dewey_lab.identity``), git revision, package versions, the corpus,
+    chunker and teacher fingerprints, the teacher cache, wall time and whether the run finished, so any
+    run (and any row of a comparison) can be rerun exactly. Every checkpoint carries the identity too
+    (``checkpoint["dewey_run"]``), so ``--ckpt_path last`` resumes only its own run. When training
+    itself raises, ``crash`` says at which step and where the last good checkpoint is. Added to every
+    ``dewey-lab fit`` by the CLI, which sets ``identity``."""
 
     PACKAGES = ("dewey-lab", "torch", "lightning", "transformers", "sentence-transformers", "torchmetrics",
                 "torch-optimi", "langchain-text-splitters", "flash-attn")
@@ -171,6 +174,9 @@ class RunInfo(L.Callback):
         super().__init__()
         self._t0 = 0.0
         self.info: dict = {}
+        self.identity: dict | None = None
+        self.training_started = False
+        self.crash: dict | None = None  # {"step", "error", "checkpoint", "checkpoint_step"} once training raised
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import sys
@@ -188,16 +194,35 @@ class RunInfo(L.Callback):
             stats = getattr(dm, "fill_stats", None)
             if stats is not None:
                 data["teacher_cache_hit_rate"] = stats.hit_rate
-        self.info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
-                     "git": _git_revision(), "versions": _versions(self.PACKAGES), "data": data,
+        self.info = {"identity": self.identity, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "argv": sys.argv, "git": _git_revision(), "versions": _versions(self.PACKAGES), "data": data,
                      "finished": False}
         self._write(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.training_started = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.identity is not None:
+            checkpoint["dewey_run"] = self.identity
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not self.training_started or isinstance(exception, KeyboardInterrupt):
+            return
+        ckpt = _newest_checkpoint(trainer)
+        self.crash = {"step": trainer.global_step, "error": f"{type(exception).__name__}: {exception}"[:300],
+                      "checkpoint": None if ckpt is None else str(ckpt),
+                      "checkpoint_step": None if ckpt is None else _checkpoint_step(ckpt)}
+        if self.info:
+            self.info.update(crash=self.crash, global_step=trainer.global_step)
+            self._write(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
 
         self.info.update(finished=not trainer.interrupted, global_step=trainer.global_step,
                          wall_seconds=round(time.perf_counter() - self._t0, 1))
+        self.info.pop("crash", None)
         stream = getattr(getattr(trainer, "datamodule", None), "_stream_loader", None)
         if stream is not None:  # a stream's teacher work done inside training (this rank's)
             self.info["data"].update(stream_texts_embedded=stream.filled,
@@ -214,6 +239,24 @@ class RunInfo(L.Callback):
             from pathlib import Path
 
             atomic_write(Path(log_dir) / "run_info.json", json.dumps(self.info, indent=2, default=str) + "\n")
+
+
+def _newest_checkpoint(trainer: L.Trainer):
+    """The newest complete checkpoint file of this run (SafeCheckpointIO's temporary files never match)."""
+    from pathlib import Path
+
+    dirs = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    found = [p for d in dirs if d.is_dir() for p in d.glob("*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _checkpoint_step(path) -> int | None:
+    from dewey_lab.checkpoint import peek_checkpoint
+
+    try:
+        return int(peek_checkpoint(path)["global_step"])
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError):  # unreadable: a path without a step
+        return None
 
 
 def _git_revision() -> dict:

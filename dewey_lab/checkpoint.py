@@ -52,3 +52,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def peek_checkpoint(path) -> dict:
+    """A checkpoint's contents with its tensors memory-mapped, not read: cheap for a look at its step or
+    its run identity (``checkpoint["dewey_run"]``) however large the weights."""
+    from dewey_lab.student import StudentConfig
+
+    with torch.serialization.safe_globals([StudentConfig]):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)

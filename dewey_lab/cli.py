@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -43,23 +45,45 @@ class DeweyCLI(LightningCLI):
         parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.tokenizer",
                               compute_fn=lambda tokenizer, name: tokenizer or name)
 
+    identity: dict | None = None  # the fit's run identity (dewey_lab.identity), set before anything is built
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        files = [Path(str(c)) for c in (config.get("config") or [])]
-        experiment = files[-1].stem if files else "base"
+        files = [str(c) for c in (config.get("config") or [])]
+        experiment = Path(files[-1]).stem if files else "base"
         logger = config.get("trainer", {}).get("logger")
         init = None
         if isinstance(logger, dict) or hasattr(logger, "init_args"):
             init = logger["init_args"] if isinstance(logger, dict) else logger.init_args
             if init.get("name") in (None, "", "auto"):
                 init["name"] = experiment
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            config["ckpt_path"] = self._resume(init)
+        if self.subcommand != "fit":
+            return
+        import yaml
+
+        from dewey_lab.identity import data_fingerprints, run_identity, scale_of
+
+        resolved = yaml.safe_load(self._parser(self.subcommand).dump(config))  # what --print_config prints
+        self.identity = run_identity(resolved, data_fingerprints(resolved), scale_of(files))
+        root = None if init is None else Path(init.get("save_dir") or "runs") / str(init.get("name"))
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last":
+            config["ckpt_path"] = self._resume(root, init)
+        elif ckpt:
+            self._check_checkpoint(ckpt)
+        elif root is not None and isinstance(init.get("version"), str):  # a sweep variant's named directory
+            from dewey_lab.identity import version_for
+
+            version = version_for(root, init["version"], self.identity)
+            if version != init["version"]:
+                print(f"run: {root / init['version']} holds another run; this one logs to {root / version}",
+                      file=sys.stderr)
+                init["version"] = version
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """Every Trainer writes through SafeCheckpointIO (atomic, finite checkpoints) unless the config names
         its own CheckpointIO. Added here, not as a trainer default: jsonargparse cannot serialise a plugin
-        instance and warned on every fit and --print_config."""
+        instance and warned on every fit and --print_config. RunInfo learns the run's identity here."""
         from lightning.pytorch.plugins.io import CheckpointIO
 
         plugins = config.get("plugins")
@@ -67,23 +91,48 @@ class DeweyCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
         config["plugins"] = plugins
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for cb in trainer.callbacks:
+            if isinstance(cb, RunInfo):
+                cb.identity = self.identity
+        return trainer
 
-    @staticmethod
-    def _resume(logger_args) -> str | None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's runs; the resumed run
-        logs into the same version directory, so its curves continue the killed run's."""
-        if logger_args is None:
+    def _resume(self, root: Path | None, logger_args) -> str | None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this run's identity among the experiment's run
+        directories; the resumed run logs into that directory, so its curves continue the killed run's.
+        Another run's checkpoint is never taken: one line names the keys in which it differs."""
+        from dewey_lab.identity import describe_differences, run_checkpoints
+
+        if root is None:
             raise ValueError("--ckpt_path last needs trainer.logger (the run directory); give a checkpoint path")
-        root = Path(logger_args.get("save_dir") or "runs") / str(logger_args.get("name"))
-        found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
+        ckpt, others = run_checkpoints(root, self.identity)
+        if ckpt is not None:
+            logger_args["version"] = ckpt.parent.parent.name
+            print(f"resume: {ckpt}", file=sys.stderr)
+            # its own checkpoints are in that directory, of course: Lightning's warning is for a fresh run
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            return str(ckpt)
+        if not others:
             print(f"resume: no last.ckpt under {root}; starting from scratch", file=sys.stderr)
             return None
-        ckpt = found[-1]
-        logger_args["version"] = ckpt.parent.parent.name
-        print(f"resume: {ckpt}", file=sys.stderr)
-        return str(ckpt)
+        newest, theirs = others[0]
+        raise ValueError(f"--ckpt_path last: none of the {len(others)} checkpoints under {root} is of this run "
+                         f"(identity {self.identity['id']}); the newest, {newest}, differs in "
+                         f"{describe_differences(self.identity, theirs)}; give its path as --ckpt_path to resume it "
+                         "anyway, or leave --ckpt_path out to start this run")
+
+    def _check_checkpoint(self, ckpt: str) -> None:
+        """An explicit checkpoint path is resumed as asked; if it is of another run, say how it differs."""
+        from dewey_lab.identity import checkpoint_identity, describe_differences
+
+        if ckpt in ("best", "hpc", "registry"):  # Lightning's own lookups
+            return
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt} does not exist; give a .ckpt file or 'last'")
+        theirs = checkpoint_identity(ckpt)
+        if theirs is None or theirs["id"] != self.identity["id"]:
+            print(f"resume: {ckpt} is of another run (it differs in {describe_differences(self.identity, theirs)}); "
+                  "resuming it as asked", file=sys.stderr)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -91,11 +140,13 @@ def main(args: list[str] | None = None) -> None:
     for noisy in ("httpx", "urllib3", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if args is None else list(args)
+    command = list(argv)  # as typed (before a sweep variant's overrides are spelled out): the resume hint's
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass argv on purpose
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
     sub_kwargs = {"default_config_files": defaults, "exit_on_error": False}
     parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}
     parser_kwargs.update({sub: dict(sub_kwargs) for sub in ("fit", "validate", "test", "predict")})
+    run_info = RunInfo()
     try:
         if argv[:1] == ["eval"]:  # not a Trainer command: LongEmbed / LoCo scoring of any model
             from dewey_lab.eval.run import main as eval_main
@@ -116,7 +167,7 @@ def main(args: list[str] | None = None) -> None:
             fill(argv[1:], parser_kwargs)
             return
         if argv[:1] == ["sweep"]:  # every variant of a study, each its own run
-            run_sweep(argv[1:])
+            run_sweep(argv[1:], parser_kwargs)
             return
         check_config_files(argv)
         if argv[:1] == ["fit"]:
@@ -124,9 +175,13 @@ def main(args: list[str] | None = None) -> None:
             args = argv
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                 trainer_defaults={"callbacks": [RunInfo()]})  # added to whatever callbacks a config lists
-    except (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError) as err:
-        if os.environ.get("DEWEY_TRACEBACK"):
+                 trainer_defaults={"callbacks": [run_info]})  # added to whatever callbacks a config lists
+    except Exception as err:
+        if run_info.crash is not None:  # raised inside training: not bad input, so the whole traceback
+            traceback.print_exception(err)
+            print(f"error: {crash_line(run_info.crash, command)}", file=sys.stderr)
+            sys.exit(1)
+        if os.environ.get("DEWEY_TRACEBACK") or not isinstance(err, INPUT_ERRORS) or _is_out_of_memory(err):
             raise
         line = one_line(err)
         unknown = re.search(r"does not accept option '([\w.]+)'", line)
@@ -141,6 +196,32 @@ def main(args: list[str] | None = None) -> None:
                 line = f"unknown key {unknown.group(1)}; did you mean {near[0]}?"
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+# Raised by a config or input the user can fix (a bad key or value, a missing file or package): one line.
+# Anything else, and anything raised once training has begun, keeps its traceback.
+INPUT_ERRORS = (ArgumentError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError, OSError)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError)
+
+
+def crash_line(crash: dict, argv: list[str]) -> str:
+    """After a training crash's traceback: the last good checkpoint and the command that resumes from it."""
+    import shlex
+
+    from dewey_lab.sweep import pop_option
+
+    rerun, _ = pop_option(list(argv), "--ckpt_path")
+    if crash["checkpoint"] is None:
+        return (f"training stopped at step {crash['step']} before its first checkpoint; fix the cause above, "
+                f"then rerun: {shlex.join(['dewey-lab', *rerun])}")
+    at = "" if crash["checkpoint_step"] is None else f" (step {crash['checkpoint_step']})"
+    return (f"training stopped at step {crash['step']}; last good checkpoint: {crash['checkpoint']}{at}; "
+            f"resume: {shlex.join(['dewey-lab', *rerun, '--ckpt_path', 'last'])}")
 
 
 def merged_config(argv: list[str], parser_kwargs: dict) -> dict:
@@ -175,17 +256,21 @@ def fill(argv: list[str], parser_kwargs: dict) -> None:
     dm.fill_stream() if dm.streaming else dm.prepare_data()  # a stream: every window, block by block
 
 
-def run_sweep(argv: list[str]) -> None:
+def run_sweep(argv: list[str], parser_kwargs: dict) -> None:
     """``dewey-lab sweep -c <study>.yaml [--force] [--print] [--sweep_index k]``: each variant as its own
-    ``fit`` process (or only variant k)."""
+    ``fit`` process (or only variant k). A variant is skipped when a finished run of the same identity
+    (resolved config + data fingerprints, ``dewey_lab.identity``) is under the study's run directory,
+    and resumed from its own ``last.ckpt`` when an unfinished one left it; ``--force`` starts every
+    variant afresh."""
     import shlex
-    import subprocess
 
-    from dewey_lab.sweep import config_files, finished, pop_option, sweep_block, variants
+    from dewey_lab.identity import data_fingerprints, finished_run, run_checkpoints, run_identity, scale_of
+    from dewey_lab.sweep import check_keys, config_files, pop_option, sweep_block, variant_args, variants
 
     force, show = "--force" in argv, "--print" in argv
     argv = [a for a in argv if a not in ("--force", "--print")]
     argv, only = pop_option(argv, "--sweep_index")
+    argv, ckpt = pop_option(argv, "--ckpt_path")  # "last" is what a sweep does anyway; a path goes to every fit
     check_config_files(["fit", *argv])
     files = config_files(argv)
     block = sweep_block(files)
@@ -196,20 +281,58 @@ def run_sweep(argv: list[str]) -> None:
             raise ValueError(f"--sweep_index {only} is out of range: this study has {len(todo) if block else 0} "
                              "variants (dewey-lab sweep --print lists them)")
         todo = [todo[int(only)]]
+    if block and not show:
+        check_keys({key for _, (_, overrides) in todo for key in overrides}, merged_config(["fit", *argv], parser_kwargs))
+    fingerprints: dict[str, dict] = {}  # variants that share a data block share its fingerprints
     failed = []
     for k, (name, _) in todo:
         cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", *argv] + ([] if k is None else ["--sweep_index", str(k)])
+        if ckpt not in (None, "last"):
+            cmd += ["--ckpt_path", ckpt]
         if show:
             print(shlex.join(["dewey-lab", *cmd[3:]]))
             continue
-        if k is not None and not force and finished(study, name):
-            print(f"sweep: {study}/{name} finished before; skipped (--force reruns it)", file=sys.stderr)
-            continue
+        if k is not None and not force:
+            resolved = merged_config(["fit", *variant_args(argv, block, k)], parser_kwargs)
+            data_key = json.dumps([resolved.get("data"), (resolved.get("model") or {}).get("student")],
+                                  sort_keys=True, default=str)
+            if data_key not in fingerprints:
+                fingerprints[data_key] = data_fingerprints(resolved)
+            identity = run_identity(resolved, fingerprints[data_key], scale_of(files))
+            root = _run_root(resolved, study)
+            done = None if root is None else finished_run(root, identity)
+            if done is not None:
+                print(f"sweep: {study}/{name} finished before in {done} (identity {identity['id']}); skipped "
+                      "(--force reruns it)", file=sys.stderr)
+                continue
+            own = None if root is None or ckpt not in (None, "last") else run_checkpoints(root, identity)[0]
+            if own is not None:
+                print(f"sweep: {study}/{name} resumes from {own}", file=sys.stderr)
+                cmd += ["--ckpt_path", "last"]
         print(f"sweep: {study}/{name}", file=sys.stderr)
-        if subprocess.run(cmd, check=False).returncode:
+        if launch(cmd):
             failed.append(name)
     if failed:
-        raise RuntimeError(f"sweep {study}: {len(failed)} variant(s) failed: {', '.join(failed)}")
+        raise RuntimeError(f"sweep {study}: {len(failed)} variant(s) failed: {', '.join(failed)}; "
+                           "rerun the same command to resume them")
+
+
+def launch(cmd: list[str]) -> int:
+    """Run one variant's ``fit`` as a process of its own (a crash or an OOM ends that variant only);
+    its exit status."""
+    import subprocess
+
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _run_root(config: dict, experiment: str) -> Path | None:
+    """``<save_dir>/<name>``: where a config's TensorBoard runs land (None without a logger)."""
+    logger = (config.get("trainer") or {}).get("logger")
+    if not isinstance(logger, dict):
+        return None
+    init = logger.get("init_args") or {}
+    name = init.get("name")
+    return Path(init.get("save_dir") or "runs") / (experiment if name in (None, "", "auto") else str(name))
 
 
 def check_config_files(argv: list[str]) -> None:

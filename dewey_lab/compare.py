@@ -3,7 +3,9 @@
 Reads ``runs/<study>/<variant>/`` (event files, ``run_info.json``) and writes
 ``results/<study>/report.md`` with the final losses, validation cosines, passkey / needle Acc@1 per
 length, wall time and teacher-cache hit rate of every variant, plus ``loss.png`` (train/loss
-curves) and ``passkey.png`` (Acc@1 against length at the last check, one line per variant).
+curves) and ``passkey.png`` (Acc@1 against length at the last check, one line per variant). Runs
+are grouped by their identity (``dewey_lab.identity``) and by scale: runs of another scale go in a
+table of their own, never in the same rows.
 """
 
 from __future__ import annotations
@@ -44,33 +46,63 @@ def synthetic_at_last_check(scalars: dict) -> dict[str, dict[int, float]]:
 
 
 def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_file: str | None = None) -> Path:
-    """Rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run."""
+    """One table per scale (the experiment files stacked under the study), one row per run identity
+    (``dewey_lab.identity``: runs of one identity are one run, its newest finished directory reported);
+    rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run."""
     root = Path(runs_dir) / study
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not runs:
         raise FileNotFoundError(f"no runs under {root}; run make train EXP={study} first")
     order = _variant_order(Path(study_file) if study_file else Path("experiments") / f"{study}.yaml")
-    runs.sort(key=lambda r: (order.index(r.name) if r.name in order else len(order), r.name))
     data = {r.name: read_run(r) for r in runs}
+    groups: dict[str, dict[str, list[str]]] = {}  # scale -> identity -> run directory names
+    for name, d in data.items():
+        identity = d["info"].get("identity") or {}
+        scale = identity.get("scale", "unrecorded")
+        groups.setdefault(scale, {}).setdefault(identity.get("id") or f"dir:{name}", []).append(name)
     lengths = sorted({n for d in data.values() for t in synthetic_at_last_check(d["scalars"]).values() for n in t})
     head = ["variant", *COLUMNS, *(f"{t}@{n}" for t in ("passkey", "needle") for n in lengths), "wall (s)",
-            "teacher hit rate", "finished"]
-    lines = [f"# {study}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for name, d in data.items():
-        s, info = d["scalars"], d["info"]
-        synth = synthetic_at_last_check(s)
-        cells = [f"{s[c][-1][1]:.4f}" if s.get(c) else "" for c in COLUMNS]
-        cells += [f"{synth.get(t, {}).get(n, float('nan')):.2f}" for t in ("passkey", "needle") for n in lengths]
-        rate = info.get("data", {}).get("teacher_cache_hit_rate")
-        cells += [str(info.get("wall_seconds", "")), "" if rate is None else f"{rate:.3f}",
-                  str(info.get("finished", ""))]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            "teacher hit rate", "finished", "identity", "runs"]
+    lines = [f"# {study}", ""]
+    if len(groups) > 1:
+        lines += [f"Runs at {len(groups)} scales ({', '.join(sorted(groups))}): one table each, never mixed.", ""]
     out = Path(out_dir) / study
     out.mkdir(parents=True, exist_ok=True)
-    _plots(data, lengths, out)
-    lines += ["", "Plots: `loss.png` (train/loss by step), `passkey.png` (Acc@1 against length, last check)."]
+    for scale in sorted(groups):
+        rows = []
+        for ident, names in groups[scale].items():
+            shown = _representative(names, data)
+            variant = shown.split("@", 1)[0]
+            rows.append((order.index(variant) if variant in order else len(order), shown, ident, names))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        lines += [f"## scale: {scale}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for _, name, ident, names in rows:
+            s, info = data[name]["scalars"], data[name]["info"]
+            synth = synthetic_at_last_check(s)
+            cells = [f"{s[c][-1][1]:.4f}" if s.get(c) else "" for c in COLUMNS]
+            cells += [f"{synth.get(t, {}).get(n, float('nan')):.2f}" for t in ("passkey", "needle") for n in lengths]
+            rate = info.get("data", {}).get("teacher_cache_hit_rate")
+            cells += [str(info.get("wall_seconds", "")), "" if rate is None else f"{rate:.3f}",
+                      str(info.get("finished", "")), "" if ident.startswith("dir:") else ident, str(len(names))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        suffix = "" if len(groups) == 1 else f"-{scale}"
+        _plots({name: data[name] for _, name, _, _ in rows}, lengths, out, suffix)
+    plots = "`loss.png`, `passkey.png`" if len(groups) == 1 else "`loss-<scale>.png`, `passkey-<scale>.png`"
+    lines += [(f"Plots: {plots} (train/loss by step; passkey Acc@1 against length, last check). `identity`: the hash "
+              "of the resolved config and data fingerprints; `runs`: run directories of that identity (the newest "
+              "finished one is shown).")]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _representative(names: list[str], data: dict) -> str:
+    """Of run directories of one identity: the newest finished one, else the newest."""
+    def key(name: str):
+        info = data[name]["info"]
+        return (bool(info.get("finished")), info.get("started", ""), name)
+
+    return max(names, key=key)
 
 
 def _variant_order(study_file: Path) -> list[str]:
@@ -79,12 +111,12 @@ def _variant_order(study_file: Path) -> list[str]:
     return [name for name, _ in variants(sweep_block([str(study_file)]))] if study_file.is_file() else []
 
 
-def _plots(data: dict, lengths: list[int], out: Path) -> None:
+def _plots(data: dict, lengths: list[int], out: Path, suffix: str = "") -> None:
     losses = {name: d["scalars"].get("train/loss", []) for name, d in data.items()}
-    _line_plot(out / "loss.png", {n: ([p[0] for p in v], [p[1] for p in v]) for n, v in losses.items() if v},
+    _line_plot(out / f"loss{suffix}.png", {n: ([p[0] for p in v], [p[1] for p in v]) for n, v in losses.items() if v},
                "step", "train/loss")
     passkey = {name: synthetic_at_last_check(d["scalars"]).get("passkey", {}) for name, d in data.items()}
-    _line_plot(out / "passkey.png", {n: (lengths, [acc.get(x, float("nan")) for x in lengths])
+    _line_plot(out / f"passkey{suffix}.png", {n: (lengths, [acc.get(x, float("nan")) for x in lengths])
                                      for n, acc in passkey.items() if acc},
                "length (tokens)", "passkey Acc@1", log2_x=True)
 
@@ -104,7 +136,8 @@ def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yl
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,8 +16,8 @@ names the runs ``loss=cosine_only`` and ``loss=jasper``. Variant k becomes ordin
 (``--model.student.global_rope_theta=160000``) plus a TensorBoard version named by what it changed
 (``runs/theta_ablation/global_rope_theta=160000/``), so every value is type-checked by the same
 parser as a hand-written run. ``dewey-lab fit -c <study>.yaml`` runs variant 0 (``--sweep_index k``
-another); ``dewey-lab sweep -c <study>.yaml`` runs them all, skipping those whose ``run_info.json``
-says they finished (``--force`` reruns), or prints one command per variant (``--print``).
+another); ``dewey-lab sweep -c <study>.yaml`` runs them all, skipping those with a finished run of the
+same identity (``dewey_lab.identity``; ``--force`` reruns), or prints one command per variant (``--print``).
 """
 
 from __future__ import annotations
@@ -126,10 +126,10 @@ def apply_sweep(argv: list[str], merged_config) -> list[str]:
     if not 0 <= k < len(vs):
         raise ValueError(f"--sweep_index {k} is out of range: this sweep has {len(vs)} variants (0..{len(vs) - 1})")
     check_keys({key for _, overrides in vs for key in overrides}, merged_config(argv))
-    name, overrides = vs[k]
+    return variant_args(argv, block, k)
+
+
+def variant_args(argv: list[str], block: dict, k: int) -> list[str]:
+    """``argv`` plus variant k's overrides and its run directory name (the TensorBoard version)."""
+    name, overrides = variants(block)[k]
     return [*argv, *override_args(overrides), f"--trainer.logger.init_args.version={name}"]
-
-
-def finished(study: str, name: str, save_dir: str = "runs") -> bool:
-    info = Path(save_dir) / study / name / "run_info.json"
-    return info.exists() and json.loads(info.read_text()).get("finished", False)

@@ -17,6 +17,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SMALL_MODULES = ["json", "csv", "textwrap", "heapq", "bisect", "string", "glob", "shlex", "fnmatch", "colorsys"]
 
 
+# Tests that start processes and train in them (minutes, not seconds) go first, so that make test's two
+# workers (pytest-xdist) do not end with one of them alone on a long test.
+HEAVY_MODULES = {"test_distributed", "test_faults", "test_streaming"}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not (item.get_closest_marker("fault") or item.module.__name__ in HEAVY_MODULES))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from dewey_lab.student import load_tokenizer

@@ -29,10 +29,15 @@ def die() -> None:
 class KillAt(L.Callback):
     """SIGKILL this process at ``step`` (optimizer steps done): after the step (``batch_end``),
     between backward and the optimizer update (``before_optimizer``), or while a checkpoint is
-    being assembled, before any byte of it lands (``checkpoint``)."""
+    being assembled, before any byte of it lands (``checkpoint``).
 
-    def __init__(self, step: int, where: str = "batch_end") -> None:
-        self.step, self.where = step, where
+    The kill comes from the environment (``DEWEY_KILL_AT=<step>:<where>``, which ``run_fit(kill=...)``
+    sets), not from the config: a killed run is resumed with the very config it ran with, as a user
+    reruns the same command, so ``--ckpt_path last`` finds a checkpoint of the same run identity."""
+
+    def __init__(self) -> None:
+        step, _, where = os.environ.get("DEWEY_KILL_AT", "-1:").partition(":")
+        self.step, self.where = int(step), where or "batch_end"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.where == "batch_end" and trainer.global_step == self.step:
@@ -45,6 +50,18 @@ class KillAt(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.where == "checkpoint" and trainer.global_step >= self.step:
             die()
+
+
+class RaiseAt(L.Callback):
+    """Raise ``RuntimeError`` at the end of step ``DEWEY_RAISE_AT`` (from the environment, so the resumed
+    run keeps the config it crashed with): a crash inside training, not a kill."""
+
+    def __init__(self) -> None:
+        self.step = int(os.environ.get("DEWEY_RAISE_AT", "-1"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")
 
 
 class LoggingTeacher(Teacher):
@@ -82,11 +99,37 @@ def write_yaml(path: Path, cfg: dict) -> str:
     return str(path)
 
 
-def run_fit(cwd: Path, *configs: str, resume: bool = False) -> subprocess.CompletedProcess:
-    """``dewey-lab fit -c tiny.yaml -c <configs>...`` in a process of its own (``--ckpt_path last`` if resume)."""
+KILLABLE = {"trainer": {"callbacks": [{"class_path": "faults.KillAt"}]}}  # a config's callbacks, killable
+
+
+def run_fit(cwd: Path, *configs: str, resume: bool = False, kill: str | None = None) -> subprocess.CompletedProcess:
+    """``dewey-lab fit -c tiny.yaml -c <configs>...`` in a process of its own (``--ckpt_path last`` if resume);
+    ``kill="<step>:<where>"`` arms the configs' ``faults.KillAt``."""
     cmd = [sys.executable, "-m", "dewey_lab.cli", "fit", "-c", TINY, *(a for c in configs for a in ("-c", c))]
-    return subprocess.run(cmd + (["--ckpt_path", "last"] if resume else []), cwd=cwd, env=ENV, capture_output=True,
+    env = {**ENV, "DEWEY_KILL_AT": kill} if kill else ENV
+    return subprocess.run(cmd + (["--ckpt_path", "last"] if resume else []), cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
+
+
+def fit_here(*configs: str) -> None:
+    """``dewey-lab fit -c tiny.yaml -c <configs>...`` in this process: for the reference run nobody kills
+    (a process of its own costs ~10 s of imports on 2 cores)."""
+    from dewey_lab.cli import main
+
+    main(["fit", "-c", TINY, *(a for c in configs for a in ("-c", c))])
+
+
+def in_process(cmd: list[str]) -> int:
+    """The sweep's launcher in this process: ``python -m dewey_lab.cli fit ...`` -> ``main(["fit", ...])``.
+    A process each costs ~10 s of imports here; what runs in it is the same ``main``."""
+    from dewey_lab.cli import main
+
+    assert cmd[1:3] == ["-m", "dewey_lab.cli"]
+    try:
+        main(cmd[3:])
+    except SystemExit as exit_info:
+        return exit_info.code or 0
+    return 0
 
 
 def loss_curve(run_dir: Path) -> dict[int, float]:

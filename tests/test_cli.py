@@ -35,9 +35,15 @@ def _small(tmp_path, corpus_path, cache_dir, **overrides):
     return str(path)
 
 
+QUICK_CHECK = {"class_path": "dewey_lab.callbacks.PasskeyCallback",  # tiny.yaml's, at one short length
+               "init_args": {"lengths": [64], "tasks": ["passkey"], "n_queries": 2, "n_docs": 4}}
+
+
 def test_fit_smoke_run_logs_losses_and_val_cosines(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir)])
+    lr_monitor = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
+    main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir,
+                                          **{"trainer.callbacks": [lr_monitor, QUICK_CHECK]})])
     events = list((tmp_path / "runs" / "small").rglob("events.out.tfevents*"))
     assert events, "TensorBoard run should be named after the last experiment file"
     tags = set()
@@ -110,10 +116,8 @@ def test_every_study_variant_trains_a_step(study, index, tmp_path, small_corpus_
     from dewey_lab.sweep import sweep_block, variants
 
     monkeypatch.chdir(tmp_path)
-    quick_check = {"class_path": "dewey_lab.callbacks.PasskeyCallback",  # tiny.yaml's, at one short length
-                   "init_args": {"lengths": [64], "tasks": ["passkey"], "n_queries": 2, "n_docs": 4}}
     small = _small(tmp_path, small_corpus_path, shared_cache_dir,
-                   **{"trainer.max_steps": 1, "trainer.callbacks": [quick_check]})
+                   **{"trainer.max_steps": 1, "trainer.callbacks": [QUICK_CHECK]})
     main(["fit", "-c", TINY, "-c", str(study), "-c", small, "--sweep_index", str(index)])
     name, overrides = variants(sweep_block([str(study)]))[index]
     run = tmp_path / "runs" / "small" / name
@@ -205,7 +209,12 @@ def _scalars(event_file, tag):
 
 
 def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, monkeypatch, capsys):
+    from faults import in_process
+
+    import dewey_lab.cli
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dewey_lab.cli, "launch", in_process)  # each variant's fit in this process
     small = _small(tmp_path, small_corpus_path, tmp_path / "fresh_cache", **{"trainer.max_steps": 1})
     study = tmp_path / "mini_study.yaml"
     study.write_text("sweep:\n  model.student.global_rope_theta: [2000000.0, 1000.0]\n")

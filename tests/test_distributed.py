@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from faults import ENV, TINY, loss_curve, run_fit
+from faults import ENV, KILLABLE, TINY, loss_curve, run_fit, write_yaml
+
+pytestmark = pytest.mark.xdist_group("distributed")  # under make test's 2 workers: one worker, one reference run
 
 from dewey_lab.cli import REPO
 from dewey_lab.distributed import balance
@@ -51,26 +53,53 @@ def _run_config(run: Path, corpus: Path, cache_dir: Path, devices: int, strategy
     return str(run / "run.yaml")
 
 
-@pytest.fixture(scope="module")
+# One run shape for every comparison: 15 training windows, 4 texts (2 per rank) per step, so 3 steps an
+# epoch; 8 steps; a checkpoint every 2 steps. A kill at step 5 leaves last.ckpt at step 4, one batch into
+# epoch 1: the resumed run seeks there, gives each rank its share of the same global batches, and crosses
+# into epoch 2.
+STEPS = 8
+RUN = {"steps": STEPS, "batch_size": 4, "checkpoint": {"every_n_train_steps": 2}}
+
+
+@pytest.fixture(scope="session")
 def single_process_run(small_corpus_path, shared_cache_dir, tmp_path_factory) -> tuple[dict[int, float], Path]:
-    """The 1-process reference for the multi-process runs: its loss curve and its last.ckpt."""
+    """The 1-process reference for the multi-process runs, trained in this process: its loss curve and
+    its last.ckpt."""
+    from dewey_lab.cli import main
+
     run = tmp_path_factory.mktemp("single")
-    out = run_fit(run, _run_config(run, small_corpus_path, shared_cache_dir, 1, "auto"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    main(["fit", "-c", TINY, "-c", _run_config(run, small_corpus_path, shared_cache_dir, 1, "auto", **RUN)])
     return loss_curve(run / "runs"), run / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def two_process_run(small_corpus_path, shared_cache_dir, tmp_path_factory):
+    """``two_process_run(kind)``: the uninterrupted 2-process run of a strategy (``ddp``, ``fsdp2``,
+    ``fsdp1``), trained once per session: its run directory and loss curve. The follow tests compare it
+    with the 1-process run, and the kill tests resume onto it."""
+    done: dict[str, tuple[Path, dict[int, float]]] = {}
+
+    def run(kind: str) -> tuple[Path, dict[int, float]]:
+        if kind not in done:
+            path = tmp_path_factory.mktemp(f"straight_{kind}")
+            out = run_fit(path, _run_config(path, small_corpus_path, shared_cache_dir, 2,
+                                            {"ddp": "ddp", **FSDP}[kind], **RUN))
+            assert out.returncode == 0, out.stderr[-3000:]
+            done[kind] = path, loss_curve(path / "runs")
+            assert sorted(done[kind][1]) == list(range(STEPS))
+        return done[kind]
+
+    return run
 
 
 def _relative_difference(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
 
 
-def test_two_process_ddp_follows_the_single_process_loss(single_process_run, small_corpus_path, shared_cache_dir,
-                                                         tmp_path):
+def test_two_process_ddp_follows_the_single_process_loss(single_process_run, two_process_run):
     single, _ = single_process_run
-    out = run_fit(tmp_path, _run_config(tmp_path, small_corpus_path, shared_cache_dir, 2, "ddp"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    ddp = loss_curve(tmp_path / "runs")
-    assert sorted(single) == sorted(ddp) == [0, 1, 2, 3]
+    _, ddp = two_process_run("ddp")
+    assert sorted(single) == sorted(ddp) == list(range(STEPS))
     diff = _relative_difference(single, ddp)
     print(json.dumps({"single": single, "ddp2": ddp, "max_relative_difference": diff}))
     assert diff < 1e-4, (single, ddp)
@@ -95,22 +124,20 @@ FSDP = {
 WEIGHT_TOLERANCE = {"fsdp2": 1e-4, "fsdp1": 5e-3}
 
 
-@pytest.mark.parametrize("kind", sorted(FSDP))
-def test_two_process_fsdp_follows_the_single_process_loss(kind, single_process_run, small_corpus_path,
-                                                          shared_cache_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow)])  # FSDP1: make test-slow
+def test_two_process_fsdp_follows_the_single_process_loss(kind, single_process_run, two_process_run):
     """2-process FSDP on CPU (gloo): the 1-process loss curve, and one full last.ckpt written by rank 0
     through SafeCheckpointIO, with the 1-process parameter names and (FSDP2) weights."""
     from dewey_lab.checkpoint import SafeCheckpointIO
 
     single, single_ckpt = single_process_run
-    out = run_fit(tmp_path, _run_config(tmp_path, small_corpus_path, shared_cache_dir, 2, FSDP[kind]))
-    assert out.returncode == 0, out.stderr[-3000:]
-    sharded = loss_curve(tmp_path / "runs")
-    assert sorted(single) == sorted(sharded) == [0, 1, 2, 3]
+    run, sharded = two_process_run(kind)
+    assert sorted(single) == sorted(sharded) == list(range(STEPS))
     diff = _relative_difference(single, sharded)
 
-    ckpt_dir = tmp_path / "runs" / "run" / "version_0" / "checkpoints"
-    assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]  # a file, no shards, no temporary left over
+    ckpt_dir = run / "runs" / "run" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=2-step=8.ckpt", "last.ckpt"]  # files: no shards,
+    # no temporary left over
     io = SafeCheckpointIO()
     ours, theirs = io.load_checkpoint(ckpt_dir / "last.ckpt")["state_dict"], io.load_checkpoint(single_ckpt)["state_dict"]
     assert ours.keys() == theirs.keys()  # no FSDP prefixes: export and eval read it as a 1-process checkpoint
@@ -139,33 +166,20 @@ def test_fsdp_experiment_stacks_on_the_multinode_one(capsys):
 @pytest.mark.fault
 @pytest.mark.parametrize("kind", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow),
                                   pytest.param("fsdp1", marks=pytest.mark.slow)])
-def test_two_process_fit_killed_resumes_onto_the_uninterrupted_loss_curve(kind, small_corpus_path, shared_cache_dir,
-                                                                          tmp_path):
+def test_two_process_fit_killed_resumes_onto_the_uninterrupted_loss_curve(kind, two_process_run, small_corpus_path,
+                                                                          shared_cache_dir, tmp_path):
     """2 processes, SIGKILLed mid-epoch (both ranks, between backward and the optimizer step), resumed
     with --ckpt_path last: the loss curve of the uninterrupted 2-process run, step for step."""
-    steps, strategy = 8, {"ddp": "ddp", **FSDP}[kind]
-    # 15 training windows, 4 texts (2 per rank) per step: 3 steps an epoch. A checkpoint every 2 steps:
-    # the kill at step 5 leaves last.ckpt at step 4, one batch into epoch 1; the resumed run seeks
-    # there, gives each rank its share of the same global batches, and crosses into epoch 2.
-    runs = {}
-    for name in ("straight", "killed"):
-        runs[name] = _run_config(tmp_path / name, small_corpus_path, shared_cache_dir, 2, strategy, steps=steps,
-                                 batch_size=4, checkpoint={"every_n_train_steps": 2})
-    done = run_fit(tmp_path / "straight", runs["straight"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    straight = loss_curve(tmp_path / "straight" / "runs")
-    assert sorted(straight) == list(range(steps))
-
-    kill = tmp_path / "killed" / "kill.yaml"
-    kill.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "faults.KillAt", "init_args": {"step": 5, "where": "before_optimizer"}}]}}))
-    out = run_fit(tmp_path / "killed", runs["killed"], str(kill))
+    _, straight = two_process_run(kind)
+    config = _run_config(tmp_path / "killed", small_corpus_path, shared_cache_dir, 2, {"ddp": "ddp", **FSDP}[kind], **RUN)
+    killable = write_yaml(tmp_path / "killed" / "killable.yaml", KILLABLE)  # on both runs: one identity
+    out = run_fit(tmp_path / "killed", config, killable, kill="5:before_optimizer")
     assert out.returncode == -signal.SIGKILL, f"the kill did not happen: {out.stderr[-3000:]}"
     ckpt = tmp_path / "killed" / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     in_epoch = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"]
     assert (state["global_step"], state["epoch"], in_epoch) == (4, 1, 1)  # one batch into epoch 1
-    out = run_fit(tmp_path / "killed", runs["killed"], resume=True)
+    out = run_fit(tmp_path / "killed", config, killable, resume=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resume: " in out.stderr
     resumed = loss_curve(tmp_path / "killed" / "runs")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faults import ENV, loss_curve, run_fit, vectors_of, write_yaml
+from faults import ENV, KILLABLE, fit_here, loss_curve, run_fit, vectors_of, write_yaml
 
 from dewey_lab.corpus import JsonlCorpus
 from dewey_lab.datamodule import DistillDataModule, example_keys
@@ -107,23 +107,20 @@ def test_fit_killed_three_times_resumes_onto_the_uninterrupted_loss_curve(small_
         cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                     "init_args": {"save_dir": str(tmp_path / name / "runs"), "name": "run"}}
         runs[name] = write_yaml(tmp_path / name / "run.yaml", cfg)
-    done = run_fit(tmp_path / "straight", runs["straight"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    fit_here(runs["straight"])
     straight = loss_curve(tmp_path / "straight" / "runs")
     assert sorted(straight) == list(range(steps))
 
     rng = random.Random(3)  # one kill in each third of the run, each of a different kind
     points = [rng.randrange(a, a + 4) for a in (2, 6, 10)]
     kinds = rng.sample(["batch_end", "before_optimizer", "checkpoint"], 3)
+    killable = write_yaml(tmp_path / "killed" / "killable.yaml", KILLABLE)  # on every run: one identity
     for i, (step, where) in enumerate(zip(points, kinds, strict=True)):
-        kill = write_yaml(tmp_path / "killed" / f"kill{i}.yaml",
-                      {"trainer": {"callbacks": [{"class_path": "faults.KillAt",
-                                                  "init_args": {"step": step, "where": where}}]}})
-        out = run_fit(tmp_path / "killed", runs["killed"], kill, resume=i > 0)
+        out = run_fit(tmp_path / "killed", runs["killed"], killable, resume=i > 0, kill=f"{step}:{where}")
         assert out.returncode == -signal.SIGKILL, f"kill {where}@{step} did not happen: {out.stderr[-3000:]}"
         if i > 0:  # a resumed run never touches the teacher: every vector is in the cache
             assert "resume: " in out.stderr and " 0 misses" in out.stdout
-    out = run_fit(tmp_path / "killed", runs["killed"], resume=True)
+    out = run_fit(tmp_path / "killed", runs["killed"], killable, resume=True)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = loss_curve(tmp_path / "killed" / "runs")
     assert sorted(resumed) == sorted(straight)

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from faults import LoggingTeacher, loss_curve, run_fit, write_yaml
+from faults import KILLABLE, LoggingTeacher, fit_here, loss_curve, run_fit, write_yaml
 from test_datamodule import CountingTeacher
 
 from dewey_lab.corpus import JsonlCorpus, MixtureCorpus, TextCorpus
@@ -212,7 +212,7 @@ def _fit_config(run: Path, corpus: Path, cache: Path, devices: int, steps: int) 
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2 processes: make test-slow
 def test_a_streamed_fit_killed_midway_resumes_onto_the_uninterrupted_loss_curve(many_docs, tmp_path, devices):
     """``fit`` on a stream (1 process, and 2 DDP processes on gloo; one loader worker each), SIGKILLed
     after step 5 with its last checkpoint at step 4, resumed with ``--ckpt_path last``: the same loss
@@ -222,16 +222,18 @@ def test_a_streamed_fit_killed_midway_resumes_onto_the_uninterrupted_loss_curve(
         run = tmp_path / name
         run.mkdir()
         cfg = write_yaml(run / "run.yaml", _fit_config(run, many_docs, tmp_path / f"cache_{name}", devices, steps))
+        killable = write_yaml(run / "killable.yaml", KILLABLE)  # on every run of both: one identity each
         if name == "killed":
-            kill = write_yaml(run / "kill.yaml", {"trainer": {"callbacks": [
-                {"class_path": "faults.KillAt", "init_args": {"step": 5, "where": "batch_end"}}]}})
-            out = run_fit(run, cfg, kill)
+            out = run_fit(run, cfg, killable, kill="5:batch_end")
             assert out.returncode != 0 and (run / "runs/run/version_0/checkpoints/last.ckpt").exists(), out.stderr[-3000:]
             state = torch.load(run / "runs/run/version_0/checkpoints/last.ckpt", weights_only=False)
             saved = state["DistillDataModule"]["stream"]
             assert [s["batches_done"] for s in saved] == [4] * devices  # every rank's position, at step 4
-        out = run_fit(run, cfg, resume=name == "killed")
-        assert out.returncode == 0, out.stderr[-3000:]
+        if name == "straight" and devices == 1:
+            fit_here(cfg, killable)  # the reference run, in this process
+        else:
+            out = run_fit(run, cfg, killable, resume=name == "killed")
+            assert out.returncode == 0, out.stderr[-3000:]
         curves[name] = loss_curve(run / "runs")
         info = json.loads((run / "runs/run/version_0/run_info.json").read_text())
         assert info["finished"] and (name == "killed" or info["data"]["stream_texts_embedded"] > 0)  # on the fly

@@ -1,0 +1,150 @@
+"""Run identity (``dewey_lab.identity``): a sweep skips only a finished run of the same resolved config
+and data, ``--ckpt_path last`` resumes only its own run, a crash inside training keeps its traceback and
+says how to resume, and ``make compare`` never puts two scales in one table."""
+
+import json
+import shlex
+
+import pytest
+import yaml
+from faults import in_process
+
+from dewey_lab.cli import REPO, main
+from dewey_lab.identity import describe_differences, flat_config, run_identity, version_for
+
+TINY = str(REPO / "experiments" / "tiny.yaml")
+
+
+def _scale(path, corpus, cache, *, max_length=96, save_dir=None, **trainer):
+    """A tiny 'scale' file stacked on tiny.yaml: ten small documents, a 2-layer student, no passkey checks."""
+    cfg = {"trainer": {"max_steps": 1, "max_epochs": 1, "log_every_n_steps": 1, "limit_val_batches": 0,
+                       "num_sanity_val_steps": 0, "enable_progress_bar": False,
+                       "callbacks": [{"class_path": "faults.RaiseAt"}], **trainer},
+           "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
+                    "cache_dir": str(cache), "max_length": max_length, "max_windows_per_doc": 2, "batch_size": 4,
+                    "val_fraction": 0.3},
+           "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                            "num_attention_heads": 2}}}}
+    if save_dir is not None:
+        cfg["trainer"]["logger"] = {"init_args": {"save_dir": save_dir}}
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _info(run_dir):
+    return json.loads((run_dir / "run_info.json").read_text())
+
+
+def test_identity_leaves_out_only_bookkeeping_and_names_what_differs(tmp_path):
+    config = {"seed_everything": 0, "config": ["a.yaml"], "ckpt_path": "last",
+              "trainer": {"max_steps": 10, "logger": {"init_args": {"save_dir": "runs", "version": "v", "name": "x"}}},
+              "model": {"lr": 0.001, "student": {"tokenizer": None}}, "data": {"cache_dir": "/c", "max_length": 96}}
+    flat = flat_config(config)
+    assert flat == {"seed_everything": 0, "trainer.max_steps": 10, "model.lr": 0.001, "data.max_length": 96}
+    moved = json.loads(json.dumps(config))
+    moved["trainer"]["logger"]["init_args"].update(save_dir="elsewhere", version="w")
+    moved.update(ckpt_path=None, config=["b.yaml", "a.yaml"])
+    moved["data"]["cache_dir"] = "/d"
+    fp = {"corpus": "JsonlCorpus:1", "teacher": "t"}
+    a = run_identity(config, fp, "tiny")
+    assert run_identity(moved, fp, "dewey")["id"] == a["id"]  # where it writes, how it started: same run
+    b = run_identity({**config, "model": {"lr": 0.5}}, {**fp, "corpus": "JsonlCorpus:2"})
+    assert b["id"] != a["id"]
+    assert describe_differences(b, a) == "model.lr (0.5 here, 0.001 there), the corpus fingerprint"
+    assert describe_differences(a, None) == "it was written before runs had identities"
+
+    root = tmp_path / "study"
+    for name, ident in (("v", b), ("v@tiny", b)):  # another run holds both plain and scaled names
+        (root / name).mkdir(parents=True)
+        (root / name / "run_info.json").write_text(json.dumps({"identity": ident}))
+    assert version_for(root, "v", a) == f"v@tiny-{a['id'][:8]}"
+    assert version_for(root, "v", b) == "v"
+    assert version_for(root, "w", a) == "w"
+
+
+@pytest.mark.parametrize("save_dir", [None, "elsewhere"])
+def test_a_sweep_runs_each_scale_once_and_a_rerun_skips_it(save_dir, tmp_path, small_corpus_path, shared_cache_dir,
+                                                           monkeypatch, capsys):
+    import dewey_lab.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dewey_lab.cli, "launch", in_process)
+    study = tmp_path / "mini_study.yaml"
+    study.write_text("sweep:\n  model.student.global_rope_theta: [1000.0]\n")
+    scales = {s: _scale(tmp_path / f"{s}.yaml", small_corpus_path, shared_cache_dir, max_length=n, save_dir=save_dir)
+              for s, n in (("a", 96), ("b", 64))}
+    for s in ("a", "b"):
+        main(["sweep", "-c", TINY, "-c", scales[s], "-c", str(study)])
+        assert "skipped" not in capsys.readouterr().err, f"scale {s} must run: the other scale is not this run"
+    root = tmp_path / (save_dir or "runs") / "mini_study"
+    assert not (tmp_path / "runs").exists() or save_dir is None  # nothing under the default when told elsewhere
+    runs = sorted(p.name for p in root.iterdir())
+    assert runs == ["global_rope_theta=1000.0", "global_rope_theta=1000.0@tiny+b"]  # plain name, then scale added
+    infos = [_info(root / r) for r in runs]
+    assert [i["identity"]["scale"] for i in infos] == ["tiny+a", "tiny+b"] and all(i["finished"] for i in infos)
+    assert infos[0]["identity"]["id"] != infos[1]["identity"]["id"]
+    assert [i["identity"]["config"]["data.max_length"] for i in infos] == [96, 64]
+    for s in ("a", "b"):
+        main(["sweep", "-c", TINY, "-c", scales[s], "-c", str(study)])
+        err = capsys.readouterr().err
+        assert err.count("skipped") == 1 and infos["ab".index(s)]["identity"]["id"] in err, err
+    assert sorted(p.name for p in root.iterdir()) == runs
+
+    from dewey_lab.compare import compare
+
+    report = compare("mini_study", runs_dir=str(root.parent), out_dir=str(tmp_path / "results"),
+                     study_file=str(study)).read_text()
+    tables = report.split("## scale: ")[1:]
+    assert [t.split("\n", 1)[0] for t in tables] == ["tiny+a", "tiny+b"]  # two tables, never one
+    for table, run in zip(tables, runs, strict=True):
+        rows = [line for line in table.splitlines() if line.startswith("| global_rope_theta=")]
+        assert len(rows) == 1 and rows[0].startswith(f"| {run} |")
+
+
+def test_last_resumes_its_own_variant_while_another_is_newer_and_a_crash_says_how(
+        tmp_path, small_corpus_path, shared_cache_dir, monkeypatch, capsys):
+    """Variant 0 crashes inside training at step 3 (a RuntimeError: a crash, not bad input): its traceback,
+    then the last good checkpoint and the resume command. Variant 1 then runs to the end, so its last.ckpt
+    is the newest. The printed command resumes variant 0 from its own step-2 checkpoint, in its own
+    directory. A changed config is refused, naming the key."""
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "mini_study.yaml"
+    study.write_text("sweep:\n  model.student.global_rope_theta: [1000.0, 2000000.0]\n")
+    scale = _scale(tmp_path / "a.yaml", small_corpus_path, shared_cache_dir, max_steps=4, max_epochs=10)
+    argv = ["fit", "-c", TINY, "-c", scale, "-c", str(study), "--checkpoint.every_n_train_steps=1"]
+    root = tmp_path / "runs" / "mini_study"
+    own, other = root / "global_rope_theta=1000.0", root / "global_rope_theta=2000000.0"
+    own_last = own.relative_to(tmp_path) / "checkpoints" / "last.ckpt"  # as printed: under the working directory
+
+    monkeypatch.setenv("DEWEY_RAISE_AT", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--sweep_index", "0"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: injected failure at step 3" in err
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith("error: training stopped at step 3; last good checkpoint: ")
+    assert f"{own_last} (step 2); resume: dewey-lab fit " in hint
+    assert _info(own)["finished"] is False and _info(own)["crash"]["checkpoint_step"] == 2
+    monkeypatch.delenv("DEWEY_RAISE_AT")
+
+    main([*argv, "--sweep_index", "1"])
+    assert _info(other)["finished"]
+    newer = (other / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    assert newer > (own / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+
+    resume = shlex.split(hint.split("; resume: ", 1)[1])
+    assert resume[0] == "dewey-lab" and resume[-2:] == ["--ckpt_path", "last"]
+    main(resume[1:])
+    assert f"resume: {own_last}" in capsys.readouterr().err
+    info = _info(own)
+    assert info["finished"] and info["global_step"] == 4 and "crash" not in info
+    assert (other / "checkpoints" / "last.ckpt").stat().st_mtime_ns == newer  # the other variant untouched
+    assert sorted(p.name for p in root.iterdir()) == [own.name, other.name]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--sweep_index", "0", "--model.lr=0.5", "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "is of this run" in lines[0] and "model.lr (0.5 here, 0.001 there)" in lines[0]
