@@ -41,9 +41,9 @@ eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EX
 	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml
 
 test: setup ## run the test suite (CPU, offline; what CI runs), on TEST_WORKERS pytest-xdist workers
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
-test-slow: setup ## the slow tests make test leaves out: FSDP1/FSDP2 and 2-process stream kill-and-resume (CPU, gloo)
+test-slow: setup ## the slow tests make test leaves out: 2-process kill-and-resume (DDP, FSDP2, FSDP1, a stream) and FSDP1 (CPU, gloo)
 	$(PY) -m pytest -m slow
 
 bench: setup ## benchmark suite -> results/bench.md: packed vs padded, vs sentence-transformers, fill, late chunking, long passages (~25 min CPU)

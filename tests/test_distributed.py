@@ -1,5 +1,5 @@
 """Several processes: 2-process DDP and FSDP fits (gloo, CPU) follow the 1-process loss curve with the
-same global batch, a killed 2-process fit (DDP; FSDP under -m slow) resumes onto the uninterrupted
+same global batch, a killed 2-process fit (DDP, FSDP2, FSDP1: make test-slow) resumes onto the uninterrupted
 curve, and two processes filling one teacher cache at once leave one consistent cache."""
 
 import json
@@ -12,8 +12,6 @@ import pytest
 import torch
 import yaml
 from faults import ENV, KILLABLE, TINY, loss_curve, run_fit, write_yaml
-
-pytestmark = pytest.mark.xdist_group("distributed")  # under make test's 2 workers: one worker, one reference run
 
 from dewey_lab.cli import REPO
 from dewey_lab.distributed import balance
@@ -164,8 +162,8 @@ def test_fsdp_experiment_stacks_on_the_multinode_one(capsys):
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("kind", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow),
-                                  pytest.param("fsdp1", marks=pytest.mark.slow)])
+@pytest.mark.slow  # make test-slow: ~100 s each on 2 cores (three 2-process launches), beyond make test's budget
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "fsdp1"])
 def test_two_process_fit_killed_resumes_onto_the_uninterrupted_loss_curve(kind, two_process_run, small_corpus_path,
                                                                           shared_cache_dir, tmp_path):
     """2 processes, SIGKILLed mid-epoch (both ranks, between backward and the optimizer step), resumed
