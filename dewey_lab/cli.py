@@ -171,7 +171,7 @@ def main(args: list[str] | None = None) -> None:
             return
         check_config_files(argv)
         if argv[:1] == ["fit"]:
-            argv = ["fit", *apply_sweep(argv[1:], lambda a: merged_config(["fit", *a], parser_kwargs))]
+            argv = stack_maps(["fit", *apply_sweep(argv[1:], lambda a: merged_config(["fit", *a], parser_kwargs))])
             args = argv
         DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=None if args is None else argv,
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
@@ -233,9 +233,52 @@ def merged_config(argv: list[str], parser_kwargs: dict) -> dict:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs, args=[*argv, "--print_config"],
-                 auto_configure_optimizers=False)
+        DeweyCLI(DistillModule, DistillDataModule, parser_kwargs=parser_kwargs,
+                 args=[*stack_maps(argv), "--print_config"], auto_configure_optimizers=False)
     return yaml.safe_load(out.getvalue()) or {}
+
+
+# Maps of named classes that stacked experiment files extend entry by entry. jsonargparse replaces a
+# dict-valued key as a whole when a later file sets it, so an ablation file adding a loss term would
+# drop the others; for these keys the files' maps are merged here instead (a later file adds an entry
+# or changes an entry's init_args; a loss term is switched off by its weight, 0) and passed after the
+# last -c file.
+STACKED_MAPS = ("model.losses",)
+
+
+def stack_maps(argv: list[str]) -> list[str]:
+    """``argv`` plus ``--<key>=<merged map>`` for each stacked map that two or more config files set."""
+    import yaml
+
+    from dewey_lab.sweep import config_files
+
+    files = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
+    files += config_files(argv)
+    last = max((i + 1 for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")), default=0)
+    extra = []
+    for key in STACKED_MAPS:
+        if any(a.startswith(f"--{key}=") for a in argv):
+            continue  # already merged (or given whole on the command line)
+        merged, setters = {}, 0
+        for f in files:
+            node = yaml.safe_load(Path(f).read_text()) or {}
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                continue
+            if not isinstance(node, dict):
+                raise ValueError(f"{f}: {key} must map names to classes, e.g. {key}: {{cosine: {{class_path: ...}}}}")  # noqa: TRY004 (bad input: one line)
+            setters += 1
+            for name, entry in node.items():
+                old = merged.get(name)
+                if isinstance(old, dict) and isinstance(entry, dict) and entry.get("class_path") in (
+                        None, old.get("class_path")):
+                    merged[name] = {**old, "init_args": {**(old.get("init_args") or {}), **(entry.get("init_args") or {})}}
+                else:
+                    merged[name] = entry
+        if setters > 1:
+            extra.append(f"--{key}={json.dumps(merged)}")
+    return [*argv[:last + 1], *extra, *argv[last + 1:]] if extra else list(argv)
 
 
 def fill(argv: list[str], parser_kwargs: dict) -> None:

@@ -27,7 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from dewey_lab.attention import forward_rows
 from dewey_lab.distributed import all_ranks, gather_rows
-from dewey_lab.losses import CosineLoss, LossTerm, SimilarityLoss
+from dewey_lab.losses import LossTerm, default_losses
 from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
 from dewey_lab.student import StudentConfig, build_student
 
@@ -42,8 +42,7 @@ class DistillModule(L.LightningModule):
         student: StudentConfig = StudentConfig(),  # noqa: B008 (a frozen-in-use dataclass; jsonargparse nests it)
         whole_pooling: PoolingHead | None = None,
         chunk_pooling: PoolingHead | None = None,
-        cosine: CosineLoss | None = None,
-        similarity: SimilarityLoss | None = None,
+        losses: dict[str, LossTerm] | None = None,
         projection: Literal["auto", "linear", "none"] = "auto",
         teacher_dim: int | None = None,
         lr: float = 1e-4,
@@ -57,8 +56,9 @@ class DistillModule(L.LightningModule):
             student: which ModernBERT to build and how (thetas, attention backend).
             whole_pooling: whole-text embedding head (Dewey: CLS).
             chunk_pooling: chunk embedding head (Dewey: mean of the chunk's tokens).
-            cosine: cosine loss term; default weight 10 on whole and chunk (Jasper's recipe).
-            similarity: similarity-matrix MSE term; default weight 200 on whole and chunk (Jasper).
+            losses: the loss terms by name (``dewey_lab.losses``), summed with their weights and logged
+                as ``train/loss_<name>_<target>``. Default: ``cosine`` (weight 10) and ``similarity``
+                (weight 200) on whole and chunk, Jasper's recipe; ``experiments/base.yaml`` spells it out.
             projection: head from the student's hidden size to the teacher's dimension. ``auto``:
                 linear when they differ, none when equal; ``linear``: always; ``none``: never.
             teacher_dim: the teacher's vector size; filled from the data module when None.
@@ -71,15 +71,12 @@ class DistillModule(L.LightningModule):
                 and counted (``train/skipped_steps``); past this many the run stops with a message.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["whole_pooling", "chunk_pooling", "cosine", "similarity"])
+        self.save_hyperparameters(ignore=["whole_pooling", "chunk_pooling", "losses"])
         self.spec = student
         self.student = build_student(self.spec)
         self.whole_pooling = whole_pooling if whole_pooling is not None else CLSPooling()
         self.chunk_pooling = chunk_pooling if chunk_pooling is not None else ChunkMeanPooling()
-        self.loss_terms = nn.ModuleList([
-            cosine if cosine is not None else CosineLoss(weight=10.0),
-            similarity if similarity is not None else SimilarityLoss(weight=200.0),
-        ])
+        self.losses = nn.ModuleDict(losses if losses is not None else default_losses())
         if projection not in ("auto", "linear", "none"):
             raise ValueError(f"model.projection must be auto, linear or none, got {projection!r}")
         self.projection_mode, self.lr, self.warmup_steps, self.weight_decay = projection, lr, warmup_steps, weight_decay
@@ -160,12 +157,12 @@ class DistillModule(L.LightningModule):
         pairs = {kind: (gather_rows(emb[kind]), gather_rows(batch[f"t_{kind}"].to(emb[kind].device)))
                  for kind in ("whole", "chunk")}
         total, parts = emb["whole"].new_zeros((), dtype=torch.float32), {}
-        for term in self.loss_terms:
+        for name, term in self.losses.items():
             term: LossTerm
             if term.weight == 0:
                 continue
-            for name, value in term(pairs).items():
-                parts[name] = value
+            for target, value in term(pairs).items():
+                parts[f"{name}_{target}"] = value
                 total = total + term.weight * value
         return total, parts
 

@@ -9,8 +9,8 @@ axes), for choices that move several keys at once:
 
     sweep:
       loss:
-        cosine_only: {model.cosine.init_args.weight: 10.0, model.similarity.init_args.weight: 0.0}
-        jasper:      {model.cosine.init_args.weight: 10.0, model.similarity.init_args.weight: 200.0}
+        cosine_only: {model.losses.cosine.init_args.weight: 10.0, model.losses.similarity.init_args.weight: 0.0}
+        jasper:      {model.losses.cosine.init_args.weight: 10.0, model.losses.similarity.init_args.weight: 200.0}
 
 names the runs ``loss=cosine_only`` and ``loss=jasper``. Variant k becomes ordinary command-line overrides
 (``--model.student.global_rope_theta=160000``) plus a TensorBoard version named by what it changed

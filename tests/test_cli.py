@@ -130,6 +130,23 @@ def test_every_study_variant_trains_a_step(study, index, tmp_path, small_corpus_
     assert json.loads((run / "run_info.json").read_text())["finished"]
 
 
+def test_a_file_adds_a_loss_term_and_changes_another(tmp_path, capsys):
+    """model.losses is a collection the stacked files extend entry by entry (jsonargparse alone would
+    replace the whole map): a term added, weights changed, the rest kept, `targets` a real key (the
+    former `on` read as YAML's true)."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"model": {"losses": {
+        "triplet": {"class_path": "dewey_lab.losses.RelativeSimilarityLoss", "init_args": {"targets": ["whole"]}},
+        "cosine": {"init_args": {"weight": 3.0}}, "similarity": {"init_args": {"weight": 0.0}}}}}))
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", TINY, "-c", str(extra), "--model.losses.triplet.init_args.margin=0.1", "--print_config"])
+    losses = yaml.safe_load(capsys.readouterr().out)["model"]["losses"]
+    assert sorted(losses) == ["cosine", "similarity", "triplet"]
+    assert losses["similarity"]["init_args"]["weight"] == 0.0
+    assert losses["cosine"]["class_path"] == "dewey_lab.losses.CosineLoss" and losses["cosine"]["init_args"]["weight"] == 3.0
+    assert losses["triplet"]["init_args"] == {"weight": 20.0, "targets": ["whole"], "margin": 0.1, "max_pairs": 2048}
+
+
 def _error_line(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from dewey_lab.losses import CosineLoss, SimilarityLoss, cosine_loss, similarity_mse_loss
+from dewey_lab.losses import (
+    CosineLoss,
+    RelativeSimilarityLoss,
+    SimilarityLoss,
+    cosine_loss,
+    relative_similarity_loss,
+    similarity_mse_loss,
+)
 from dewey_lab.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling, span_mean
 
 
@@ -46,15 +53,66 @@ def test_similarity_loss_matches_formula(pair):
 def test_loss_terms_apply_to_their_targets(pair):
     s, t = pair
     pairs = {"whole": (s, t), "chunk": (s[:2], t[:2])}
-    out = CosineLoss(weight=10, on=["chunk"])(pairs)
-    assert list(out) == ["cosine_chunk"]
-    assert out["cosine_chunk"].item() == pytest.approx(cosine_loss(s[:2], t[:2]).item())
+    out = CosineLoss(weight=10, targets=["chunk"])(pairs)
+    assert list(out) == ["chunk"]
+    assert out["chunk"].item() == pytest.approx(cosine_loss(s[:2], t[:2]).item())
     both = SimilarityLoss()(pairs)
-    assert set(both) == {"similarity_whole", "similarity_chunk"}
+    assert set(both) == {"whole", "chunk"}
+    assert list(RelativeSimilarityLoss()(pairs)) == ["whole"]  # Jasper's third term: texts, by default
     # a batch without chunks skips the chunk target instead of producing NaN
-    assert list(CosineLoss()({"whole": (s, t), "chunk": (s[:0], t[:0])})) == ["cosine_whole"]
+    assert list(CosineLoss()({"whole": (s, t), "chunk": (s[:0], t[:0])})) == ["whole"]
     with pytest.raises(ValueError, match="whole.*chunk"):
-        CosineLoss(on=["tokens"])
+        CosineLoss(targets=["tokens"])
+
+
+def _relative_similarity_reference(s, t, margin):
+    """Jasper/Stella's relative-similarity loss, written from the report's and the reference code's
+    definition as plain loops: the pairs i < j in row-major order, then every two pairs a < b; the
+    teacher's order of the two similarities (a tie counts as 'b is larger') sets the sign."""
+    sn, tn = [_norm(v.tolist()) for v in s], [_norm(v.tolist()) for v in t]
+    pairs = [(i, j) for i in range(len(sn)) for j in range(i + 1, len(sn))]
+    p = [_dot(sn[i], sn[j]) for i, j in pairs]
+    q = [_dot(tn[i], tn[j]) for i, j in pairs]
+    terms = []
+    for a in range(len(pairs)):
+        for b in range(a + 1, len(pairs)):
+            if q[a] > q[b]:  # the teacher finds pair a more similar: the student must, by the margin
+                terms.append(max(0.0, margin - (p[a] - p[b])))
+            else:
+                terms.append(max(0.0, margin - (p[b] - p[a])))
+    return sum(terms) / len(terms)
+
+
+def test_relative_similarity_loss_matches_the_loops(pair):
+    s, t = pair
+    t = torch.cat([t, t[:, :2]], dim=1)  # another dimension
+    for margin in (0.015, 0.3):
+        expected = _relative_similarity_reference(s, t, margin)
+        assert relative_similarity_loss(s, t, margin).item() == pytest.approx(expected, rel=1e-6)
+    # the student that orders every pair as the teacher does, by far more than the margin, costs nothing
+    assert relative_similarity_loss(t, t, margin=0.0).item() == 0.0
+    assert relative_similarity_loss(t, t, margin=0.015).item() < _relative_similarity_reference(s, t, 0.015)
+    # ties in the teacher: the reference's convention (b is the larger)
+    same = torch.ones(3, 4, dtype=torch.float64)
+    assert relative_similarity_loss(s[:3], same, 0.1).item() == pytest.approx(
+        _relative_similarity_reference(s[:3], same, 0.1), rel=1e-6)
+
+
+def test_relative_similarity_loss_ranks_a_random_subset_of_pairs_when_told(pair):
+    s, t = pair  # 5 texts: 10 pairs
+    torch.manual_seed(0)
+    sub = relative_similarity_loss(s, t, 0.015, max_pairs=6)
+    torch.manual_seed(0)
+    keep = torch.randperm(10)[:6].sort().values
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    # the same loss over a batch made of the kept pairs' vectors: recompute by hand from the kept pairs
+    sn, tn = [_norm(v.tolist()) for v in s], [_norm(v.tolist()) for v in t]
+    p = [_dot(sn[pairs[k][0]], sn[pairs[k][1]]) for k in keep.tolist()]
+    q = [_dot(tn[pairs[k][0]], tn[pairs[k][1]]) for k in keep.tolist()]
+    terms = [max(0.0, 0.015 - (1 if q[a] > q[b] else -1) * (p[a] - p[b])) for a in range(6) for b in range(a + 1, 6)]
+    assert sub.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+    assert relative_similarity_loss(s, t, 0.015, max_pairs=100).item() == pytest.approx(
+        relative_similarity_loss(s, t, 0.015).item())  # fewer pairs than the cap: all of them
 
 
 def test_pooling_heads_match_loops():

@@ -13,11 +13,11 @@ THETA = str(REPO / "experiments" / "theta_ablation.yaml")
 
 
 def test_variants_are_the_product_in_file_order():
-    vs = variants({"model.lr": [1e-3, 1e-4], "model.cosine.init_args.weight": [0, 10]})
-    assert [overrides for _, overrides in vs] == [{"model.lr": 1e-3, "model.cosine.init_args.weight": 0},
-                                                  {"model.lr": 1e-3, "model.cosine.init_args.weight": 10},
-                                                  {"model.lr": 1e-4, "model.cosine.init_args.weight": 0},
-                                                  {"model.lr": 1e-4, "model.cosine.init_args.weight": 10}]
+    vs = variants({"model.lr": [1e-3, 1e-4], "model.losses.cosine.init_args.weight": [0, 10]})
+    assert [overrides for _, overrides in vs] == [{"model.lr": 1e-3, "model.losses.cosine.init_args.weight": 0},
+                                                  {"model.lr": 1e-3, "model.losses.cosine.init_args.weight": 10},
+                                                  {"model.lr": 1e-4, "model.losses.cosine.init_args.weight": 0},
+                                                  {"model.lr": 1e-4, "model.losses.cosine.init_args.weight": 10}]
     assert vs[1][0] == "lr=0.001,weight=10"
     assert override_args({"a.b": [1, 2], "c": True}) == ["--a.b=[1, 2]", "--c=true"]
 
