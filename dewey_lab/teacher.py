@@ -8,7 +8,6 @@ cache lacks, and ``training_step`` never sees a teacher. The model loads lazily,
 from __future__ import annotations
 
 import logging
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
@@ -74,7 +73,6 @@ class SentenceTransformerTeacher(Teacher):
         self.normalize, self._max_length = normalize, max_length
         self.batch_size, self.batch_tokens, self.device, self.dtype = batch_size, batch_tokens, device, dtype
         self.trust_remote_code = trust_remote_code
-        self.seconds = 0.0  # time spent encoding, for the fill report
 
     @cached_property
     def fingerprint(self) -> str:
@@ -107,7 +105,6 @@ class SentenceTransformerTeacher(Teacher):
         return st
 
     def encode(self, texts: Sequence[str], show_progress_bar: bool = False) -> np.ndarray:
-        t0 = time.perf_counter()
         texts = list(texts)
         groups = [list(range(len(texts)))] if self.batch_tokens is None else self._token_groups(texts)
         out = np.zeros((len(texts), 0), dtype=np.float32)
@@ -119,7 +116,6 @@ class SentenceTransformerTeacher(Teacher):
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
             out[group] = vecs
-        self.seconds += time.perf_counter() - t0
         return out
 
     def _token_groups(self, texts: list[str]) -> list[list[int]]:

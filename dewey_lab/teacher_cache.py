@@ -69,7 +69,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -565,7 +565,7 @@ class TeacherCache:
         """
         if repair and self.read_only:
             raise PermissionError(self._ro_message(self._ro_reason or "cannot create files in it"))
-        with (self._locked() if not self.read_only else _nothing()):  # no gc meanwhile
+        with (self._locked() if not self.read_only else nullcontext()):  # no gc meanwhile
             rb, dim = self._rowbytes(), self.dim
             shards = self._shards()
             maps: dict[int, np.ndarray] = {}  # shard -> its committed rows that the file holds
@@ -726,11 +726,6 @@ def _write_txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _batched(items: list, n: int):
