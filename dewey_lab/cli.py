@@ -65,7 +65,7 @@ class DeweyCLI(LightningCLI):
 
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(config))  # what --print_config prints
         self.identity = run_identity(resolved, data_fingerprints(resolved), scale_of(files))
-        root = None if init is None else Path(init.get("save_dir") or "runs") / str(init.get("name"))
+        root = _run_root(resolved, experiment)
         ckpt = config.get("ckpt_path")
         if ckpt == "last":
             config["ckpt_path"] = self._resume(root, init)
@@ -286,16 +286,8 @@ def fill(argv: list[str], parser_kwargs: dict) -> None:
     experiment's data without building a student or a trainer. N jobs with shards 0/N ... N-1/N
     fill one cache together (one writer per process), each text embedded once (a stream's shards are
     documents, so a chunk text two documents share may be embedded by two jobs)."""
-    from jsonargparse import ArgumentParser
-
     check_config_files(["fit", *argv])
-    config = merged_config(["fit", *argv], parser_kwargs)
-    data = config.get("data") or {}
-    student = (config.get("model") or {}).get("student") or {}
-    data["tokenizer"] = student.get("tokenizer") or student.get("name_or_path") or data.get("tokenizer")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(DistillDataModule, "data")
-    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    dm = DistillDataModule.from_config(merged_config(["fit", *argv], parser_kwargs))
     dm.fill_stream() if dm.streaming else dm.prepare_data()  # a stream: every window, block by block
 
 

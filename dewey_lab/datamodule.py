@@ -168,6 +168,19 @@ class DistillDataModule(L.LightningDataModule):
         self._examples: dict[str, list[Example]] | None = None
         self.teacher_means: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_config(cls, config: dict) -> DistillDataModule:
+        """The data module of a merged ``fit`` config (``dewey_lab.cli.merged_config``), built without a
+        student or a trainer; the tokenizer comes from ``model.student`` as the CLI links it."""
+        from jsonargparse import ArgumentParser
+
+        data = dict(config.get("data") or {})
+        student = (config.get("model") or {}).get("student") or {}
+        data["tokenizer"] = student.get("tokenizer") or student.get("name_or_path") or data.get("tokenizer")
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "data")
+        return parser.instantiate_classes(parser.parse_object({"data": data})).data
+
     # -- building examples (deterministic: same corpus, tokenizer and seed -> same examples) ---
     @property
     def tokenizer(self):

@@ -114,16 +114,9 @@ def scale_of(files: list[str]) -> str:
 def data_fingerprints(config: dict) -> dict[str, str]:
     """The corpus and teacher fingerprints the run's data module will record (built from the config's
     ``data`` block, without reading the corpus or loading the teacher's weights)."""
-    from jsonargparse import ArgumentParser
-
     from dewey_lab.datamodule import DistillDataModule
 
-    data = dict(config.get("data") or {})
-    student = (config.get("model") or {}).get("student") or {}
-    data["tokenizer"] = student.get("tokenizer") or student.get("name_or_path") or data.get("tokenizer")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(DistillDataModule, "data")
-    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    dm = DistillDataModule.from_config(config)
     return {"corpus": f"{type(dm.corpus).__name__}:{dm.corpus.fingerprint()}", "teacher": dm.teacher.fingerprint}
 
 
