@@ -35,7 +35,7 @@ train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (stud
 	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml $(if $(VARIANT),--sweep_index $(VARIANT))
 
 compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/)
-	$(PY) -m dewey_lab.compare $(EXP)
+	$(PY) -m dewey_lab.runs.compare $(EXP)
 
 eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EXP).yaml (e.g. EXP=extension_ablation)
 	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml

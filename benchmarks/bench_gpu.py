@@ -67,7 +67,7 @@ def lengths_and_ids(max_length: int, n_texts: int, seed: int = 0) -> list[list[i
     """Token ids of ``n_texts`` offline-corpus documents, each cut at ``max_length`` tokens."""
     from transformers import AutoTokenizer
 
-    from dewey_lab.corpus import PydocCorpus
+    from dewey_lab.data.corpus import PydocCorpus
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
     docs = [d.text for d in PydocCorpus(cache_path=str(REPO / "data" / "pydoc_corpus.jsonl")).documents()]
@@ -107,9 +107,9 @@ def train_flops_per_token(cfg, params: int, texts: list[int]) -> float:
 # -- one case, in its own process -----------------------------------------------------------------
 def train_case(shape: str, attn: str, layout: str, compiled: str, max_length: int, batch: int, steps: int,
                warmup: int) -> dict:
-    from dewey_lab.datamodule import collate
-    from dewey_lab.module import DistillModule
-    from dewey_lab.student import StudentConfig
+    from dewey_lab.data.datamodule import collate
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.model.student import StudentConfig
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -157,7 +157,7 @@ def train_case(shape: str, attn: str, layout: str, compiled: str, max_length: in
 
 def long_case(shape: str, tokens: int) -> dict:
     """One passage of ``tokens`` random ids through the student, inference, bf16 on CUDA."""
-    from dewey_lab.student import StudentConfig, build_student, load_tokenizer
+    from dewey_lab.model.student import StudentConfig, build_student, load_tokenizer
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -182,7 +182,7 @@ def long_case(shape: str, tokens: int) -> dict:
 # -- the run ----------------------------------------------------------------------------------------
 def plan(smoke: bool) -> tuple[list[tuple], list[tuple]]:
     """(training cases, long-passage cases)."""
-    from dewey_lab.attention import TORCH_VARLEN, has_torch_varlen
+    from dewey_lab.model.attention import TORCH_VARLEN, has_torch_varlen
 
     if smoke or not torch.cuda.is_available():
         layouts = [("sdpa", "padded"), ("sdpa", "packed")]

@@ -1,4 +1,4 @@
-"""Throughput and size of the teacher cache (``dewey_lab.teacher_cache``), one fresh store per dimension.
+"""Throughput and size of the teacher cache (``dewey_lab.data.store.vectors``), one fresh store per dimension.
 
     python benchmarks/cache_throughput.py --n 200000 --dims 384,4096 --dtype float16
 
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dewey_lab.teacher_cache import TeacherCache, cache_key
+from dewey_lab.data.store.vectors import VectorStore, cache_key
 
 
 def bench(root: Path, n: int, dim: int, dtype: str, block: int, reads: int, read_batch: int) -> dict:
     path = root / f"d{dim}"
-    cache = TeacherCache(path, dtype=dtype)
+    cache = VectorStore(path, dtype=dtype)
     keys = [cache_key("bench", str(i)) for i in range(n)]
     rng = np.random.default_rng(dim)
     itemsize = np.dtype(dtype).itemsize

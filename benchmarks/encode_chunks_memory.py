@@ -28,9 +28,9 @@ def measure(length: int, how: str) -> dict:
 
     from dewey_lab.encode import Encoder
     from dewey_lab.eval.embedder import Embedder
-    from dewey_lab.eval.synthetic import default_haystack
+    from dewey_lab.eval.tasks.synthetic import default_haystack
+    from dewey_lab.model.student import StudentConfig, build_student, load_tokenizer
     from dewey_lab.resolve import OFFLINE_TEACHER
-    from dewey_lab.student import StudentConfig, build_student, load_tokenizer
 
     torch.set_num_threads(2)
     tok = load_tokenizer(OFFLINE_TEACHER)

@@ -33,9 +33,9 @@ from bench_gpu import SHAPES, TOKENIZER, items_of, lengths_and_ids
 def main(argv: list[str] | None = None) -> dict:
     import lightning as L
 
-    from dewey_lab.datamodule import collate
-    from dewey_lab.module import DistillModule
-    from dewey_lab.student import StudentConfig
+    from dewey_lab.data.datamodule import collate
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.model.student import StudentConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true")

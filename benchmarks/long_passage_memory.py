@@ -1,5 +1,5 @@
 """Peak memory and time to embed one long passage with the tiny student on CPU: blocked
-sliding-window SDPA (dewey_lab.attention, what the Embedder uses past 2048 tokens) against the
+sliding-window SDPA (dewey_lab.model.attention, what the Embedder uses past 2048 tokens) against the
 dense-mask SDPA path transformers builds by default.
 
     python benchmarks/long_passage_memory.py --lengths 8192,16384,32768 --dense-up-to 16384
@@ -20,9 +20,9 @@ from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own f
 def measure(length: int, path: str) -> dict:
     import torch
 
-    from dewey_lab.attention import banded, key_masks
+    from dewey_lab.model.attention import banded, key_masks
+    from dewey_lab.model.student import StudentConfig, build_student, load_tokenizer
     from dewey_lab.resolve import OFFLINE_TEACHER
-    from dewey_lab.student import StudentConfig, build_student, load_tokenizer
 
     torch.set_num_threads(2)
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",

@@ -51,9 +51,9 @@ TINY = {**TINY_STUDENT, "max_position_embeddings": 131072}
 
 # -- shared set-up ----------------------------------------------------------------------------------
 def data_module(cache_dir: str, max_length: int, batch_size: int = 16, **kw):
-    from dewey_lab.corpus import PydocCorpus
-    from dewey_lab.datamodule import DistillDataModule
-    from dewey_lab.teacher import SentenceTransformerTeacher
+    from dewey_lab.data.corpus import PydocCorpus
+    from dewey_lab.data.datamodule import DistillDataModule
+    from dewey_lab.data.teacher import SentenceTransformerTeacher
 
     teacher = SentenceTransformerTeacher(max_length=256, batch_size=64, batch_tokens=kw.pop("teacher_tokens", 8192))
     return DistillDataModule(corpus=PydocCorpus(), teacher=teacher, max_length=max_length, overflow="truncate",
@@ -61,9 +61,9 @@ def data_module(cache_dir: str, max_length: int, batch_size: int = 16, **kw):
 
 
 def student_module(config: dict, attn: str = "sdpa", seed: int = 0):
-    from dewey_lab.module import DistillModule
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.model.student import StudentConfig
     from dewey_lab.resolve import OFFLINE_TEACHER
-    from dewey_lab.student import StudentConfig
 
     torch.manual_seed(seed)
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, config=dict(config), attn_implementation=attn)
@@ -106,7 +106,7 @@ def bench_fill(a) -> dict:
 
 # -- streaming --------------------------------------------------------------------------------------
 def bench_stream(a) -> dict:
-    from dewey_lab.datamodule import text_digest
+    from dewey_lab.data.datamodule import text_digest
 
     set_threads()
     dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, streaming=True)
@@ -189,7 +189,7 @@ def st_case(a) -> dict:
     from sentence_transformers.losses import MSELoss
     from transformers import TrainerCallback
 
-    from dewey_lab.datamodule import example_keys
+    from dewey_lab.data.datamodule import example_keys
     from dewey_lab.export import export
 
     set_threads()
@@ -224,7 +224,7 @@ def st_case(a) -> dict:
 
 # -- multi-vector ----------------------------------------------------------------------------------
 def bench_multivector(a) -> list[dict]:
-    from dewey_lab.corpus import PydocCorpus
+    from dewey_lab.data.corpus import PydocCorpus
     from dewey_lab.encode import load
 
     set_threads()

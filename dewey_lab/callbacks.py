@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.retrieval import DenseRetriever
-from dewey_lab.eval.task import RetrievalTask
+from dewey_lab.eval.tasks.task import RetrievalTask
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class PasskeyCallback(L.Callback):
     # -- what ---------------------------------------------------------------------------------------
     def generated(self, tokenizer) -> list[RetrievalTask]:
         if self._tasks is None:
-            from dewey_lab.eval.synthetic import make_synthetic, read_haystack
+            from dewey_lab.eval.tasks.synthetic import make_synthetic, read_haystack
 
             needs = self.haystack and "needle" in self.tasks
             text = read_haystack(self.haystack) if needs else None  # None: the offline pydoc text
@@ -89,7 +89,7 @@ class PasskeyCallback(L.Callback):
         return self._tasks
 
     def embedder(self, pl_module) -> Embedder:
-        from dewey_lab.student import load_tokenizer
+        from dewey_lab.model.student import load_tokenizer
 
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(pl_module.spec.tokenizer_name)
@@ -160,7 +160,7 @@ class PasskeyCallback(L.Callback):
 
 class RunInfo(L.Callback):
     """Writes ``run_info.json`` next to the run's logs and ``config.yaml``: the run's identity (resolved
-    config + data fingerprints, ``dewey_lab.identity``), git revision, package versions, the corpus,
+    config + data fingerprints, ``dewey_lab.runs.identity``), git revision, package versions, the corpus,
     chunker and teacher fingerprints, the teacher cache, wall time and whether the run finished, so any
     run (and any row of a comparison) can be rerun exactly. Every checkpoint carries the identity too
     (``checkpoint["dewey_run"]``), so ``--ckpt_path last`` resumes only its own run. When training
@@ -251,7 +251,7 @@ def _newest_checkpoint(trainer: L.Trainer):
 
 
 def _checkpoint_step(path) -> int | None:
-    from dewey_lab.checkpoint import peek_checkpoint
+    from dewey_lab.runs.checkpoint import peek_checkpoint
 
     try:
         return int(peek_checkpoint(path)["global_step"])

@@ -25,10 +25,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from dewey_lab.callbacks import RunInfo
-from dewey_lab.checkpoint import SafeCheckpointIO
-from dewey_lab.datamodule import DistillDataModule
-from dewey_lab.module import DistillModule
-from dewey_lab.sweep import apply_sweep
+from dewey_lab.data.datamodule import DistillDataModule
+from dewey_lab.model.module import DistillModule
+from dewey_lab.runs.checkpoint import SafeCheckpointIO
+from dewey_lab.runs.sweep import apply_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "experiments" / "base.yaml"
@@ -37,7 +37,7 @@ BASE_CONFIG = REPO / "experiments" / "base.yaml"
 class DeweyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--sweep", type=dict | None, default=None,
-                            help="a study's sweep: dotted key -> list of values (see dewey_lab/sweep.py)")
+                            help="a study's sweep: dotted key -> list of values (see dewey_lab/runs/sweep.py)")
         # periodic checkpoints (YAML `checkpoint:`), so a killed run loses at most every_n_train_steps steps
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
@@ -45,7 +45,7 @@ class DeweyCLI(LightningCLI):
         parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.tokenizer",
                               compute_fn=lambda tokenizer, name: tokenizer or name)
 
-    identity: dict | None = None  # the fit's run identity (dewey_lab.identity), set before anything is built
+    identity: dict | None = None  # the fit's run identity (dewey_lab.runs.identity), set before anything is built
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -61,7 +61,7 @@ class DeweyCLI(LightningCLI):
             return
         import yaml
 
-        from dewey_lab.identity import data_fingerprints, run_identity, scale_of
+        from dewey_lab.runs.identity import data_fingerprints, run_identity, scale_of
 
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(config))  # what --print_config prints
         self.identity = run_identity(resolved, data_fingerprints(resolved), scale_of(files))
@@ -72,7 +72,7 @@ class DeweyCLI(LightningCLI):
         elif ckpt:
             self._check_checkpoint(ckpt)
         elif root is not None and isinstance(init.get("version"), str):  # a sweep variant's named directory
-            from dewey_lab.identity import version_for
+            from dewey_lab.runs.identity import version_for
 
             version = version_for(root, init["version"], self.identity)
             if version != init["version"]:
@@ -101,7 +101,7 @@ class DeweyCLI(LightningCLI):
         """``--ckpt_path last``: the newest ``last.ckpt`` of this run's identity among the experiment's run
         directories; the resumed run logs into that directory, so its curves continue the killed run's.
         Another run's checkpoint is never taken: one line names the keys in which it differs."""
-        from dewey_lab.identity import describe_differences, run_checkpoints
+        from dewey_lab.runs.identity import describe_differences, run_checkpoints
 
         if root is None:
             raise ValueError("--ckpt_path last needs trainer.logger (the run directory); give a checkpoint path")
@@ -123,7 +123,7 @@ class DeweyCLI(LightningCLI):
 
     def _check_checkpoint(self, ckpt: str) -> None:
         """An explicit checkpoint path is resumed as asked; if it is of another run, say how it differs."""
-        from dewey_lab.identity import checkpoint_identity, describe_differences
+        from dewey_lab.runs.identity import checkpoint_identity, describe_differences
 
         if ckpt in ("best", "hpc", "registry"):  # Lightning's own lookups
             return
@@ -159,7 +159,7 @@ def main(args: list[str] | None = None) -> None:
             export_main(argv[1:])
             return
         if argv[:1] == ["cache"]:  # stats / verify / gc of a teacher cache directory
-            from dewey_lab.cache_cli import main as cache_main
+            from dewey_lab.data.store.cli import main as cache_main
 
             cache_main(argv[1:])
             return
@@ -188,7 +188,7 @@ def main(args: list[str] | None = None) -> None:
         if unknown:  # name the nearest real key (the merged defaults know them all)
             import difflib
 
-            from dewey_lab.sweep import _flatten
+            from dewey_lab.runs.sweep import _flatten
 
             known = [k for k, _ in _flatten(merged_config(["fit"], parser_kwargs))]
             near = difflib.get_close_matches(unknown.group(1), known, n=1, cutoff=0.6)
@@ -213,7 +213,7 @@ def crash_line(crash: dict, argv: list[str]) -> str:
     """After a training crash's traceback: the last good checkpoint and the command that resumes from it."""
     import shlex
 
-    from dewey_lab.sweep import pop_option
+    from dewey_lab.runs.sweep import pop_option
 
     rerun, _ = pop_option(list(argv), "--ckpt_path")
     if crash["checkpoint"] is None:
@@ -250,7 +250,7 @@ def stack_maps(argv: list[str]) -> list[str]:
     """``argv`` plus ``--<key>=<merged map>`` for each stacked map that two or more config files set."""
     import yaml
 
-    from dewey_lab.sweep import config_files
+    from dewey_lab.runs.sweep import config_files
 
     files = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
     files += config_files(argv)
@@ -294,13 +294,19 @@ def fill(argv: list[str], parser_kwargs: dict) -> None:
 def run_sweep(argv: list[str], parser_kwargs: dict) -> None:
     """``dewey-lab sweep -c <study>.yaml [--force] [--print] [--sweep_index k]``: each variant as its own
     ``fit`` process (or only variant k). A variant is skipped when a finished run of the same identity
-    (resolved config + data fingerprints, ``dewey_lab.identity``) is under the study's run directory,
+    (resolved config + data fingerprints, ``dewey_lab.runs.identity``) is under the study's run directory,
     and resumed from its own ``last.ckpt`` when an unfinished one left it; ``--force`` starts every
     variant afresh."""
     import shlex
 
-    from dewey_lab.identity import data_fingerprints, finished_run, run_checkpoints, run_identity, scale_of
-    from dewey_lab.sweep import check_keys, config_files, pop_option, sweep_block, variant_args, variants
+    from dewey_lab.runs.identity import (
+        data_fingerprints,
+        finished_run,
+        run_checkpoints,
+        run_identity,
+        scale_of,
+    )
+    from dewey_lab.runs.sweep import check_keys, config_files, pop_option, sweep_block, variant_args, variants
 
     force, show = "--force" in argv, "--print" in argv
     argv = [a for a in argv if a not in ("--force", "--print")]

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dewey_lab.chunking import char_spans_to_token_spans
-from dewey_lab.datamodule import text_token_mask
+from dewey_lab.data.chunking import char_spans_to_token_spans
+from dewey_lab.data.datamodule import text_token_mask
 from dewey_lab.eval.embedder import POOLINGS, Embedder
-from dewey_lab.pooling import span_mean
+from dewey_lab.model.pooling import span_mean
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Encoder:
         """One vector per chunk of ``text``, from one pass (or one pass per macro-window).
 
         Chunks come from ``spans`` (character spans of ``text``), or ``chunker`` (a callable returning
-        character spans, like :class:`dewey_lab.chunking.Chunker`, or a langchain ``TextSplitter``),
+        character spans, like :class:`dewey_lab.data.chunking.Chunker`, or a langchain ``TextSplitter``),
         or by default the embedder's token windows (``chunk_size`` / ``chunk_overlap``).
         """
         if spans is not None and chunker is not None:

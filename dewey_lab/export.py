@@ -47,7 +47,7 @@ def export(ckpt: str, out: str, *, pooling: str = "cls", query_prompt: str = "",
     from sentence_transformers.models import Normalize, Pooling, Transformer, WordWeights
 
     from dewey_lab.eval.load import load_checkpoint
-    from dewey_lab.student import load_tokenizer
+    from dewey_lab.model.student import load_tokenizer
 
     if pooling not in EXACT:
         raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(EXACT)}")

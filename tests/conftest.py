@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dewey_lab.student import load_tokenizer
+    from dewey_lab.model.student import load_tokenizer
 
     return load_tokenizer(OFFLINE_TEACHER)
 
@@ -36,7 +36,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def small_corpus_path(tmp_path_factory):
     """A ten-module pydoc corpus as jsonl, built once."""
-    from dewey_lab.corpus import PydocCorpus
+    from dewey_lab.data.corpus import PydocCorpus
 
     path = tmp_path_factory.mktemp("corpus") / "pydoc_small.jsonl"
     list(PydocCorpus(cache_path=str(path), modules=SMALL_MODULES).documents())
@@ -55,8 +55,8 @@ def student_ckpt(tmp_path_factory):
     (what ``dewey-lab fit`` writes) under runs/<experiment>/<version>/checkpoints/."""
     import lightning as L
 
-    from dewey_lab.module import DistillModule
-    from dewey_lab.student import StudentConfig
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.model.student import StudentConfig
 
     torch.manual_seed(0)
     spec = StudentConfig(config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,

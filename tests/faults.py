@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from dewey_lab.cli import REPO
-from dewey_lab.teacher import Teacher
+from dewey_lab.data.teacher import Teacher
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
 # the processes a test starts import this module (faults.KillAt in a config): tests/ on their path

@@ -1,7 +1,7 @@
 """A second implementation of LongEmbed's plug-and-play extensions, written from the definitions in its
 reference code (dwzhu-pku/LongEmbed, ``src/encoder_model.py``: ``get_position_ids`` and
 ``encode_corpus``; ``src/utils.py``: ``get_chunked_docs`` and ``pool``), one text at a time, in the
-plainest torch. The tests hold ``dewey_lab.eval.extension`` to these; nothing here imports it.
+plainest torch. The tests hold ``dewey_lab.eval.extension.methods`` to these; nothing here imports it.
 
 Definitions carried over (our code, their facts), for an APE encoder with window ``L_o`` (512) and
 target ``L_t``:

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from dewey_lab.chunking import Chunker, char_spans_to_token_spans, recursive_spans, word_spans
+from dewey_lab.data.chunking import Chunker, char_spans_to_token_spans, recursive_spans, word_spans
 
 LOREM = ("Embeddings of long documents need chunk-level supervision.\n\n" + " ".join(
     f"Sentence {i} talks about topic {i % 7} and then some more words follow." for i in range(80)))

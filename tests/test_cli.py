@@ -18,7 +18,7 @@ def _small(tmp_path, corpus_path, cache_dir, **overrides):
         "trainer": {"max_steps": 2, "max_epochs": 1, "log_every_n_steps": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}},
                     "default_root_dir": str(tmp_path / "runs")},
-        "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus_path)}},
+        "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus_path)}},
                  "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": 2, "batch_size": 4,
                  "val_fraction": 0.3},
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -102,7 +102,7 @@ def test_the_readme_stacks_parse(stack, capsys):
 
 
 def _training_variants():
-    from dewey_lab.sweep import sweep_block, variants
+    from dewey_lab.runs.sweep import sweep_block, variants
 
     for path in sorted((REPO / "experiments").glob("*_ablation.yaml")):
         if not is_eval_study(path):
@@ -114,7 +114,7 @@ def _training_variants():
 def test_every_study_variant_trains_a_step(study, index, tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
     """Each variant of each training study, stacked on tiny.yaml, runs one step and saves what it changed.
     The passkey check runs only where a variant changes it (the smoke run and the callback test cover it)."""
-    from dewey_lab.sweep import sweep_block, variants
+    from dewey_lab.runs.sweep import sweep_block, variants
 
     monkeypatch.chdir(tmp_path)
     name, overrides = variants(sweep_block([str(study)]))[index]
@@ -137,14 +137,14 @@ def test_a_file_adds_a_loss_term_and_changes_another(tmp_path, capsys):
     former `on` read as YAML's true)."""
     extra = tmp_path / "extra.yaml"
     extra.write_text(yaml.safe_dump({"model": {"losses": {
-        "triplet": {"class_path": "dewey_lab.losses.RelativeSimilarityLoss", "init_args": {"targets": ["whole"]}},
+        "triplet": {"class_path": "dewey_lab.model.losses.RelativeSimilarityLoss", "init_args": {"targets": ["whole"]}},
         "cosine": {"init_args": {"weight": 3.0}}, "similarity": {"init_args": {"weight": 0.0}}}}}))
     with pytest.raises(SystemExit):
         main(["fit", "-c", TINY, "-c", str(extra), "--model.losses.triplet.init_args.margin=0.1", "--print_config"])
     losses = yaml.safe_load(capsys.readouterr().out)["model"]["losses"]
     assert sorted(losses) == ["cosine", "similarity", "triplet"]
     assert losses["similarity"]["init_args"]["weight"] == 0.0
-    assert losses["cosine"]["class_path"] == "dewey_lab.losses.CosineLoss" and losses["cosine"]["init_args"]["weight"] == 3.0
+    assert losses["cosine"]["class_path"] == "dewey_lab.model.losses.CosineLoss" and losses["cosine"]["init_args"]["weight"] == 3.0
     assert losses["triplet"]["init_args"] == {"weight": 20.0, "targets": ["whole"], "margin": 0.1, "max_pairs": 2048}
 
 
@@ -159,9 +159,9 @@ def _error_line(capsys, argv) -> str:
 
 def test_unknown_pooling_class_lists_the_valid_ones(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  whole_pooling:\n    class_path: dewey_lab.pooling.MaxPooling\n")
+    bad.write_text("model:\n  whole_pooling:\n    class_path: dewey_lab.model.pooling.MaxPooling\n")
     line = _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])
-    assert "model.whole_pooling" in line and "dewey_lab.pooling.MeanPooling" in line
+    assert "model.whole_pooling" in line and "dewey_lab.model.pooling.MeanPooling" in line
 
 
 def test_malformed_yaml_and_missing_experiment(tmp_path, capsys):
@@ -250,7 +250,7 @@ def test_sweep_runs_each_variant_once(tmp_path, small_corpus_path, monkeypatch, 
     main(["sweep", "-c", TINY, "-c", small, "-c", str(study)])  # both finished: nothing runs again
     assert capsys.readouterr().err.count("skipped") == 2
 
-    from dewey_lab.compare import compare
+    from dewey_lab.runs.compare import compare
 
     report = compare("mini_study", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"),
                      study_file=str(study))
@@ -290,10 +290,10 @@ def test_trainer_writes_through_safe_checkpoint_io_without_a_serialisation_warni
     cannot serialise and warned about on every fit and --print_config); a config's own CheckpointIO wins."""
     import warnings
 
-    from dewey_lab.checkpoint import SafeCheckpointIO
     from dewey_lab.cli import BASE_CONFIG, DeweyCLI
-    from dewey_lab.datamodule import DistillDataModule
-    from dewey_lab.module import DistillModule
+    from dewey_lab.data.datamodule import DistillDataModule
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.runs.checkpoint import SafeCheckpointIO
 
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as seen:

@@ -1,4 +1,4 @@
-"""Tests for dewey_lab.corpus: offline, small inputs with hand-written expected answers."""
+"""Tests for dewey_lab.data.corpus: offline, small inputs with hand-written expected answers."""
 
 import os
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dewey_lab.corpus import (
+from dewey_lab.data.corpus import (
     CorpusSource,
     Document,
     HFCorpus,
@@ -297,11 +297,11 @@ def test_mixture_from_jsonargparse_config(tmp_path):
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--corpus", type=CorpusSource)
     config = {
-        "class_path": "dewey_lab.corpus.MixtureCorpus",
+        "class_path": "dewey_lab.data.corpus.MixtureCorpus",
         "init_args": {
             "sources": [
-                {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(a)}},
-                {"class_path": "dewey_lab.corpus.TextCorpus", "init_args": {"path": str(tmp_path / "t.txt")}},
+                {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(a)}},
+                {"class_path": "dewey_lab.data.corpus.TextCorpus", "init_args": {"path": str(tmp_path / "t.txt")}},
             ],
             "limit": 5,
         },

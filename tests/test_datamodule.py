@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dewey_lab.corpus import JsonlCorpus
-from dewey_lab.datamodule import DistillDataModule, example_keys
-from dewey_lab.teacher import SentenceTransformerTeacher, Teacher
+from dewey_lab.data.corpus import JsonlCorpus
+from dewey_lab.data.datamodule import DistillDataModule, example_keys
+from dewey_lab.data.teacher import SentenceTransformerTeacher, Teacher
 
 
 class CountingTeacher(Teacher):

@@ -14,8 +14,8 @@ import yaml
 from faults import ENV, KILLABLE, TINY, loss_curve, run_fit, write_yaml
 
 from dewey_lab.cli import REPO
+from dewey_lab.data.store.vectors import VectorStore
 from dewey_lab.distributed import balance
-from dewey_lab.teacher_cache import TeacherCache
 
 
 def test_balance_splits_by_tokens_and_feeds_every_rank():
@@ -39,7 +39,7 @@ def _run_config(run: Path, corpus: Path, cache_dir: Path, devices: int, strategy
                     "accelerator": "cpu", "devices": devices, "strategy": strategy, "use_distributed_sampler": False,
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(run / "runs"), "name": "run"}}},
-        "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
+        "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
                  "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": 3,
                  "batch_size": batch_size, "val_fraction": 0.2},  # texts per step, over all ranks
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -126,7 +126,7 @@ WEIGHT_TOLERANCE = {"fsdp2": 1e-4, "fsdp1": 5e-3}
 def test_two_process_fsdp_follows_the_single_process_loss(kind, single_process_run, two_process_run):
     """2-process FSDP on CPU (gloo): the 1-process loss curve, and one full last.ckpt written by rank 0
     through SafeCheckpointIO, with the 1-process parameter names and (FSDP2) weights."""
-    from dewey_lab.checkpoint import SafeCheckpointIO
+    from dewey_lab.runs.checkpoint import SafeCheckpointIO
 
     single, single_ckpt = single_process_run
     run, sharded = two_process_run(kind)
@@ -192,14 +192,14 @@ def test_two_fill_jobs_share_one_cache_without_embedding_a_text_twice(small_corp
     """``dewey-lab fill --data.fill_shard k/2`` twice at once: disjoint work, one consistent cache."""
     from faults import vectors_of
 
-    from dewey_lab.teacher_cache import cache_key
+    from dewey_lab.data.store.vectors import cache_key
 
     cache_dir = tmp_path / "cache"
     procs = []
     for k in range(2):
         cfg = tmp_path / f"fill{k}.yaml"
         cfg.write_text(yaml.safe_dump({"data": {
-            "corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
+            "corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
             "teacher": {"class_path": "faults.LoggingTeacher", "init_args": {"log": str(tmp_path / f"log{k}")}},
             "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": None, "fill_block": 32}}))
         procs.append(subprocess.Popen([sys.executable, "-m", "dewey_lab.cli", "fill", "-c", TINY, "-c", str(cfg),
@@ -211,7 +211,7 @@ def test_two_fill_jobs_share_one_cache_without_embedding_a_text_twice(small_corp
     assert logs[0] and logs[1] and not set(logs[0]) & set(logs[1])  # both worked, never on the same text
     texts = sorted(logs[0] + logs[1])
     assert len(texts) == len(set(texts))
-    cache = TeacherCache(cache_dir)
+    cache = VectorStore(cache_dir)
     keys = [cache_key("logging-12", t) for t in texts]
     assert cache.missing(keys) == [] and len(cache) == len(texts)
     assert cache.get_many(keys).tolist() == vectors_of(texts).tolist()

@@ -111,7 +111,7 @@ def test_macro_windows_keep_the_chunk_geometry(student_ckpt):
 def test_chunkers_and_default_windows(encoder):
     from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-    from dewey_lab.chunking import Chunker
+    from dewey_lab.data.chunking import Chunker
 
     text = TEXTS[1]
     splitter = RecursiveCharacterTextSplitter(chunk_size=120, chunk_overlap=30)

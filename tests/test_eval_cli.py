@@ -73,7 +73,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, expect):
 
 def test_extension_study_smoke_run(tmp_path, tokenizer):
     """experiments/extension_ablation.yaml with its runs swapped for offline models and a 64-token window."""
-    from dewey_lab.student import StudentConfig, build_student
+    from dewey_lab.model.student import StudentConfig, build_student
 
     rope = tmp_path / "tiny-modernbert"
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",

@@ -13,8 +13,8 @@ from transformers import MistralConfig, MistralModel, PreTrainedTokenizerFast
 
 from dewey_lab.cli import main
 from dewey_lab.eval.load import DECODER_INSTRUCTION, extend, is_decoder, load_embedder
+from dewey_lab.model.student import load_tokenizer
 from dewey_lab.resolve import OFFLINE_TEACHER
-from dewey_lab.student import load_tokenizer
 
 WINDOW = 64
 

@@ -4,12 +4,12 @@ hand-pooled hidden states, the dense attention path, and exact score algebra."""
 import pytest
 import torch
 
-from dewey_lab.attention import banded, key_masks
 from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.retrieval import BM25Retriever, DenseRetriever
-from dewey_lab.eval.task import RetrievalTask
+from dewey_lab.eval.tasks.task import RetrievalTask
+from dewey_lab.model.attention import banded, key_masks
+from dewey_lab.model.student import StudentConfig, build_student
 from dewey_lab.resolve import OFFLINE_TEACHER, resolve_model
-from dewey_lab.student import StudentConfig, build_student
 
 TEXTS = ["The grass is green.", "What is the pass key for Ana Lee?", "a longer passage about tokens " * 60]
 

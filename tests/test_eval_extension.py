@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dewey_lab.eval.embedder import Embedder
-from dewey_lab.eval.extension import (
+from dewey_lab.eval.extension.methods import (
     NTK,
     PCW,
     GroupedPositions,
@@ -20,10 +20,10 @@ from dewey_lab.eval.extension import (
     parse_extension,
     scaled_attention,
 )
+from dewey_lab.eval.extension.self_extend import relative_positions, self_extend_logits
 from dewey_lab.eval.load import extend
-from dewey_lab.eval.self_extend import relative_positions, self_extend_logits
+from dewey_lab.model.student import StudentConfig, build_student
 from dewey_lab.resolve import OFFLINE_TEACHER
-from dewey_lab.student import StudentConfig, build_student
 
 LONG = "The grass is green. Mira Holt's pass key is 52817. " + "The sky is blue. Here we go again. " * 120
 

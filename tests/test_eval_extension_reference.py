@@ -12,8 +12,8 @@ from transformers import ModernBertModel
 
 from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.load import extend
+from dewey_lab.model.student import StudentConfig, build_student
 from dewey_lab.resolve import OFFLINE_TEACHER
-from dewey_lab.student import StudentConfig, build_student
 from tests.longembed_reference import (
     reference_encode,
     reference_pcw,
@@ -86,7 +86,7 @@ def modernbert():
                          config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
                                  "num_attention_heads": 2, "local_attention": 16, "global_attn_every_n_layers": 2,
                                  "max_position_embeddings": 64})
-    from dewey_lab.student import load_tokenizer
+    from dewey_lab.model.student import load_tokenizer
 
     tok = load_tokenizer(OFFLINE_TEACHER)
     model = build_student(spec, tok).eval()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dewey_lab.eval.data import load_longembed
 from dewey_lab.eval.metrics import METRICS, retrieval_metrics
 from dewey_lab.eval.mteb_wrapper import MTEBEncoder, MTEBMultiVectorSearch, evaluate_mteb, mteb_task
 from dewey_lab.eval.retrieval import DenseRetriever
+from dewey_lab.eval.tasks.longembed import load_longembed
 from dewey_lab.resolve import OFFLINE_TEACHER
 
 DATA = Path(__file__).parent / "data" / "longembed"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from dewey_lab.cli import main
-from dewey_lab.eval.data import load_longembed
 from dewey_lab.eval.metrics import METRICS
 from dewey_lab.eval.mteb_wrapper import mteb_task
+from dewey_lab.eval.tasks.longembed import load_longembed
 from dewey_lab.resolve import OFFLINE_TEACHER, resolve_model
 
 mteb = pytest.importorskip("mteb")
@@ -44,8 +44,8 @@ def source(tmp_path_factory) -> Path:
         (root / "qmsum" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # passkey: generated in the benchmark's format (12 queries over 24 documents at 256 and 512 tokens) and
     # written as LEMB files; at a 256-token window the keys past it are missed, so Acc@1 is neither 0 nor 1
-    from dewey_lab.eval.synthetic import make_synthetic
-    from dewey_lab.student import load_tokenizer
+    from dewey_lab.eval.tasks.synthetic import make_synthetic
+    from dewey_lab.model.student import load_tokenizer
 
     rows = {"corpus": [], "queries": [], "qrels": []}
     for t in make_synthetic("passkey", load_tokenizer(OFFLINE_TEACHER), [256, 512], n_queries=12, n_docs=24, seed=3):

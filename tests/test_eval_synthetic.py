@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from dewey_lab.eval import synthetic
-from dewey_lab.eval.needles import NEEDLES
-from dewey_lab.eval.synthetic import (
+from dewey_lab.eval.tasks import synthetic
+from dewey_lab.eval.tasks.needles import NEEDLES
+from dewey_lab.eval.tasks.synthetic import (
     PASSKEY_FILLER,
     default_haystack,
     make_needle,
@@ -219,7 +219,7 @@ def test_falls_back_to_full_counts_when_local_counts_are_wrong(tokenizer, haysta
 
     # a tokenizer whose local counts are off: the whole-document check must notice and recount
     monkeypatch.setattr(synthetic, "_count_local", off_by_three)
-    with caplog.at_level(logging.WARNING, logger="dewey_lab.eval.synthetic"):
+    with caplog.at_level(logging.WARNING, logger="dewey_lab.eval.tasks.synthetic"):
         task = make_needle(tokenizer, 640, haystack=haystack, seed=3)
     assert "re-counting every document in full" in caplog.text
     lengths = token_lengths(tokenizer, task)

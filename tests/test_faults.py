@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from faults import ENV, KILLABLE, fit_here, loss_curve, run_fit, vectors_of, write_yaml
 
-from dewey_lab.corpus import JsonlCorpus
-from dewey_lab.datamodule import DistillDataModule, example_keys
-from dewey_lab.teacher_cache import TeacherCache
+from dewey_lab.data.corpus import JsonlCorpus
+from dewey_lab.data.datamodule import DistillDataModule, example_keys
+from dewey_lab.data.store.vectors import VectorStore
 
 pytestmark = pytest.mark.fault
 
 FILL = """
 import sys
 from faults import LoggingTeacher
-from dewey_lab.corpus import JsonlCorpus
-from dewey_lab.datamodule import DistillDataModule
+from dewey_lab.data.corpus import JsonlCorpus
+from dewey_lab.data.datamodule import DistillDataModule
 corpus, cache, log = sys.argv[1:4]
 DistillDataModule(corpus=JsonlCorpus(corpus), teacher=LoggingTeacher(log), cache_dir=cache, max_length=96,
                   overflow="split", val_fraction=0.2, fill_block=16).prepare_data()
@@ -71,7 +71,7 @@ def test_teacher_fill_killed_three_times_loses_nothing_and_recomputes_nothing_st
                 time.sleep(0.01)
             proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=300) in (0, -signal.SIGKILL)
-        cache = TeacherCache(cache_dir)
+        cache = VectorStore(cache_dir)
         stored = set(texts) - set(cache.missing(list(texts)))
         cache.close()
         embedded = _embedded(log)
@@ -82,7 +82,7 @@ def test_teacher_fill_killed_three_times_loses_nothing_and_recomputes_nothing_st
                        "in_flight_lost": len(embedded) - (len(stored) - len(stored_before)), "recomputed": 0})
         stored_before = stored
     assert stored == set(texts)  # the last run finished the fill
-    cache = TeacherCache(cache_dir)
+    cache = VectorStore(cache_dir)
     keys = list(texts)
     np.testing.assert_array_equal(cache.get_many(keys), vectors_of([texts[k] for k in keys]))
     print(json.dumps(report))
@@ -94,7 +94,7 @@ def test_fit_killed_three_times_resumes_onto_the_uninterrupted_loss_curve(small_
         "trainer": {"max_steps": steps, "max_epochs": 100, "log_every_n_steps": 1, "limit_val_batches": 1,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "callbacks": []},
         "checkpoint": {"every_n_train_steps": 2},
-        "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
+        "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
                  "cache_dir": str(shared_cache_dir), "max_length": 96, "max_windows_per_doc": 2, "batch_size": 4,
                  "val_fraction": 0.3},
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from dewey_lab import attention
-from dewey_lab.datamodule import collate
-from dewey_lab.module import DistillModule
-from dewey_lab.student import StudentConfig
+from dewey_lab.data.datamodule import collate
+from dewey_lab.model import attention
+from dewey_lab.model.module import DistillModule
+from dewey_lab.model.student import StudentConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOKENIZER = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer")

@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from dewey_lab.checkpoint import SafeCheckpointIO
-from dewey_lab.module import DistillModule
+from dewey_lab.model.module import DistillModule
+from dewey_lab.model.student import StudentConfig
 from dewey_lab.resolve import OFFLINE_TEACHER
-from dewey_lab.student import StudentConfig
+from dewey_lab.runs.checkpoint import SafeCheckpointIO
 from tests.test_datamodule import CountingTeacher, _dm
 
 

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from dewey_lab.cli import REPO, main
-from dewey_lab.corpus import JsonlCorpus
-from dewey_lab.datamodule import DistillDataModule, collate
+from dewey_lab.data.corpus import JsonlCorpus
+from dewey_lab.data.datamodule import DistillDataModule, collate
 from tests.test_datamodule import CountingTeacher
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
@@ -88,8 +88,8 @@ def test_a_ten_million_character_document_reads_only_what_it_uses(tmp_path, toke
 @pytest.mark.parametrize(("yaml_text", "expected"), [
     ("data:\n  batch_sise: 4\n", "unknown key data.batch_sise; did you mean data.batch_size?"),
     ("model:\n  lr: fast\n", 'Parser key "model.lr": Expected a <class \'float\'>. Got value: fast'),
-    ("data:\n  corpus:\n    class_path: dewey_lab.corpus.JsonlCorpus\n    init_args: {text_field: body}\n",
-     "data.corpus: dewey_lab.corpus.JsonlCorpus needs path; set data.corpus.init_args.path"),
+    ("data:\n  corpus:\n    class_path: dewey_lab.data.corpus.JsonlCorpus\n    init_args: {text_field: body}\n",
+     "data.corpus: dewey_lab.data.corpus.JsonlCorpus needs path; set data.corpus.init_args.path"),
 ])
 def test_bad_yaml_values_are_one_line_naming_the_fix(yaml_text, expected, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"

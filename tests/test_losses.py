@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dewey_lab.losses import (
+from dewey_lab.model.losses import (
     CosineLoss,
     RelativeSimilarityLoss,
     SimilarityLoss,
@@ -13,7 +13,7 @@ from dewey_lab.losses import (
     relative_similarity_loss,
     similarity_mse_loss,
 )
-from dewey_lab.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling, span_mean
+from dewey_lab.model.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling, span_mean
 
 
 def _norm(v):

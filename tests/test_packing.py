@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from dewey_lab import attention
-from dewey_lab.datamodule import collate
-from dewey_lab.module import DistillModule
-from dewey_lab.packing import TokenBudgetBatchSampler, first_fit_decreasing
-from dewey_lab.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling
+from dewey_lab.data.datamodule import collate
+from dewey_lab.data.packing import TokenBudgetBatchSampler, first_fit_decreasing
+from dewey_lab.model import attention
+from dewey_lab.model.module import DistillModule
+from dewey_lab.model.pooling import ChunkMeanPooling, CLSMeanPooling, CLSPooling, MeanPooling
+from dewey_lab.model.student import StudentConfig
 from dewey_lab.resolve import OFFLINE_TEACHER
-from dewey_lab.student import StudentConfig
 from tests.test_datamodule import CountingTeacher, _dm
 
 
@@ -178,7 +178,7 @@ def test_torch_varlen_on_a_padded_batch_equals_sdpa(monkeypatch):
 
 
 def test_auto_picks_torch_varlen_on_cuda_without_flash_attn(monkeypatch):
-    from dewey_lab import student
+    from dewey_lab.model import student
 
     monkeypatch.setattr(student.importlib.util, "find_spec", lambda name: None)  # no flash-attn
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

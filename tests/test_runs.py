@@ -1,4 +1,4 @@
-"""Run identity (``dewey_lab.identity``): a sweep skips only a finished run of the same resolved config
+"""Run identity (``dewey_lab.runs.identity``): a sweep skips only a finished run of the same resolved config
 and data, ``--ckpt_path last`` resumes only its own run, a crash inside training keeps its traceback and
 says how to resume, and ``make compare`` never puts two scales in one table."""
 
@@ -10,7 +10,7 @@ import yaml
 from faults import in_process
 
 from dewey_lab.cli import REPO, main
-from dewey_lab.identity import describe_differences, flat_config, run_identity, version_for
+from dewey_lab.runs.identity import describe_differences, flat_config, run_identity, version_for
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
 
@@ -20,7 +20,7 @@ def _scale(path, corpus, cache, *, max_length=96, save_dir=None, **trainer):
     cfg = {"trainer": {"max_steps": 1, "max_epochs": 1, "log_every_n_steps": 1, "limit_val_batches": 0,
                        "num_sanity_val_steps": 0, "enable_progress_bar": False,
                        "callbacks": [{"class_path": "faults.RaiseAt"}], **trainer},
-           "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
+           "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
                     "cache_dir": str(cache), "max_length": max_length, "max_windows_per_doc": 2, "batch_size": 4,
                     "val_fraction": 0.3},
            "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -90,7 +90,7 @@ def test_a_sweep_runs_each_scale_once_and_a_rerun_skips_it(save_dir, tmp_path, s
         assert err.count("skipped") == 1 and infos["ab".index(s)]["identity"]["id"] in err, err
     assert sorted(p.name for p in root.iterdir()) == runs
 
-    from dewey_lab.compare import compare
+    from dewey_lab.runs.compare import compare
 
     report = compare("mini_study", runs_dir=str(root.parent), out_dir=str(tmp_path / "results"),
                      study_file=str(study)).read_text()

@@ -13,9 +13,9 @@ import torch
 from faults import KILLABLE, LoggingTeacher, fit_here, loss_curve, run_fit, write_yaml
 from test_datamodule import CountingTeacher
 
-from dewey_lab.corpus import JsonlCorpus, MixtureCorpus, TextCorpus
-from dewey_lab.datamodule import DistillDataModule
-from dewey_lab.streaming import ShardState, WindowStream
+from dewey_lab.data.corpus import JsonlCorpus, MixtureCorpus, TextCorpus
+from dewey_lab.data.datamodule import DistillDataModule
+from dewey_lab.data.streaming import ShardState, WindowStream
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def _fit_config(run: Path, corpus: Path, cache: Path, devices: int, steps: int) 
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(run / "runs"), "name": "run"}}},
         "checkpoint": {"every_n_train_steps": 2},
-        "data": {"corpus": {"class_path": "dewey_lab.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
+        "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
                  "cache_dir": str(cache), "max_length": 64, "max_windows_per_doc": 2, "batch_size": 4,
                  "val_fraction": 0.1, "streaming": True, "stream_block": 8, "num_workers": 1},
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -256,7 +256,7 @@ def test_a_stream_of_two_hf_datasets_in_their_own_formats(many_docs, tmp_path, m
     chat.write_text("".join(json.dumps({"id": i, "conversations": [{"from": "human", "value": r["text"][:80]},
                                                                   {"from": "gpt", "value": r["text"][80:]}]}) + "\n"
                             for i, r in enumerate(rows[1::2])))
-    from dewey_lab.corpus import HFCorpus
+    from dewey_lab.data.corpus import HFCorpus
 
     corpus = [HFCorpus("json", data_files=str(web), schema="text", streaming=True),
               HFCorpus("json", data_files=str(chat), schema="conversations", streaming=True)]
@@ -287,7 +287,7 @@ def test_an_hf_stream_gives_every_loader_worker_every_document(tmp_path, monkeyp
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     for k in range(2):  # two files: datasets would give each of 2 workers one
         (tmp_path / f"part{k}.jsonl").write_text("".join(json.dumps({"text": f"doc {k}-{i}"}) + "\n" for i in range(5)))
-    from dewey_lab.corpus import HFCorpus
+    from dewey_lab.data.corpus import HFCorpus
 
     corpus = HFCorpus("json", data_files=[str(tmp_path / f"part{k}.jsonl") for k in range(2)], streaming=True)
     counts = list(torch.utils.data.DataLoader(_CountDocuments(corpus), batch_size=None, num_workers=2))

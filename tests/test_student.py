@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dewey_lab.student import StudentConfig, build_student, pick_attn_implementation, rope_thetas
+from dewey_lab.model.student import StudentConfig, build_student, pick_attn_implementation, rope_thetas
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dewey_lab.cli import REPO, main
-from dewey_lab.sweep import check_keys, override_args, sweep_block, variants
+from dewey_lab.runs.sweep import check_keys, override_args, sweep_block, variants
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
 THETA = str(REPO / "experiments" / "theta_ablation.yaml")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dewey_lab.teacher_cache import TeacherCache, cache_key
+from dewey_lab.data.store.vectors import VectorStore, cache_key
 
 
 def _vecs(n, d=8, seed=0):
@@ -19,7 +19,7 @@ def _vecs(n, d=8, seed=0):
 
 
 def test_round_trip_is_exact(tmp_path):
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     keys = [cache_key("teacher@1", f"text {i}") for i in range(50)]
     vecs = _vecs(50)
     cache.put_many(keys, vecs)
@@ -28,17 +28,17 @@ def test_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(cache.get_many(order), np.concatenate([vecs[::-1], vecs[:3]]))
     assert cache.missing(keys + [cache_key("teacher@1", "new")]) == [cache_key("teacher@1", "new")]
     # reopened from disk, in another object
-    np.testing.assert_array_equal(TeacherCache(tmp_path).get_many(keys), vecs)
+    np.testing.assert_array_equal(VectorStore(tmp_path).get_many(keys), vecs)
 
 
 def test_float16_storage_and_dtype_guard(tmp_path):
-    cache = TeacherCache(tmp_path, dtype="float16")
+    cache = VectorStore(tmp_path, dtype="float16")
     keys = [cache_key("t", str(i)) for i in range(4)]
     vecs = _vecs(4)
     cache.put_many(keys, vecs)
     np.testing.assert_array_equal(cache.get_many(keys), vecs.astype(np.float16).astype(np.float32))
     with pytest.raises(ValueError, match="cache_dtype: float16"):
-        TeacherCache(tmp_path, dtype="float32")
+        VectorStore(tmp_path, dtype="float32")
 
 
 def test_key_covers_teacher_and_text():
@@ -47,7 +47,7 @@ def test_key_covers_teacher_and_text():
 
 
 def test_bad_writes_are_refused(tmp_path):
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     cache.put_many([b"k" * 32], _vecs(1))
     with pytest.raises(ValueError, match="holds 8-d"):
         cache.put_many([b"j" * 32], _vecs(1, d=16))
@@ -60,8 +60,8 @@ def test_bad_writes_are_refused(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from dewey_lab.teacher_cache import TeacherCache, cache_key
-    cache = TeacherCache(sys.argv[1])
+    from dewey_lab.data.store.vectors import VectorStore, cache_key
+    cache = VectorStore(sys.argv[1])
     i = 0
     while True:  # blocks of 64 vectors whose values encode their own key index
         keys = [cache_key("t", str(j)) for j in range(i, i + 64)]
@@ -80,7 +80,7 @@ def test_survives_writer_killed_mid_write(tmp_path):
         committed = int(proc.stdout.readline())
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    cache = TeacherCache(tmp_path)  # opening trims what the killed writer left past its last commit
+    cache = VectorStore(tmp_path)  # opening trims what the killed writer left past its last commit
     n = len(cache)
     assert n % 64 == 0 and n >= committed + 64  # whole blocks only, every reported block kept
     assert cache.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -100,12 +100,12 @@ def _keys(n, start=0, prefix="t"):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_exact_round_trip_after_reopen(tmp_path, dtype):
-    cache = TeacherCache(tmp_path, dtype=dtype)
+    cache = VectorStore(tmp_path, dtype=dtype)
     keys, vecs = _keys(300), _vecs(300, d=24, seed=1)
     for lo in range(0, 300, 100):
         cache.put_many(keys[lo:lo + 100], vecs[lo:lo + 100])
     cache.close()
-    again = TeacherCache(tmp_path, dtype=dtype)
+    again = VectorStore(tmp_path, dtype=dtype)
     want = vecs.astype(dtype).astype(np.float32)
     order = np.random.default_rng(0).permutation(300)
     np.testing.assert_array_equal(again.get_many([keys[i] for i in order]), want[order])
@@ -118,18 +118,18 @@ def test_exact_round_trip_after_reopen(tmp_path, dtype):
 
 def test_shard_rollover_reads_back_exactly(tmp_path):
     rb = 8 * 4
-    cache = TeacherCache(tmp_path, max_shard_bytes=10 * rb)  # 10 rows a shard
+    cache = VectorStore(tmp_path, max_shard_bytes=10 * rb)  # 10 rows a shard
     keys, vecs = _keys(95), _vecs(95)
     for lo in range(0, 95, 30):  # blocks larger than a shard are split across shards
         cache.put_many(keys[lo:lo + 30], vecs[lo:lo + 30])
     files = sorted((tmp_path / "shards").iterdir())
     assert len(files) == 10 and all(f.stat().st_size <= 10 * rb for f in files)
-    np.testing.assert_array_equal(TeacherCache(tmp_path).get_many(keys[::-1]), vecs[::-1])
+    np.testing.assert_array_equal(VectorStore(tmp_path).get_many(keys[::-1]), vecs[::-1])
     assert cache.stats()["unreferenced_rows"] == 0 and cache.verify()["bad"] == 0
 
 
 def test_duplicate_keys_in_a_block_keep_the_first_vector(tmp_path):
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     k = _keys(2)
     vecs = _vecs(3)
     cache.put_many([k[0], k[1], k[0]], vecs)
@@ -140,9 +140,9 @@ def test_duplicate_keys_in_a_block_keep_the_first_vector(tmp_path):
 
 RACER = textwrap.dedent("""
     import sys, time, numpy as np
-    from dewey_lab.teacher_cache import TeacherCache, cache_key
+    from dewey_lab.data.store.vectors import VectorStore, cache_key
     path, start, n, block, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-    cache = TeacherCache(path, max_shard_bytes=int(sys.argv[6]))
+    cache = VectorStore(path, max_shard_bytes=int(sys.argv[6]))
     idx = np.random.default_rng(start).permutation(np.arange(start, start + n))  # overlaps meet at random
     while time.time() < go:  # start together
         time.sleep(0.005)
@@ -167,7 +167,7 @@ def _race(path, procs=3, n=2000, block=50, max_shard_bytes=1 << 30):
 
 def test_concurrent_writers_with_overlapping_keys(tmp_path):
     total = _race(tmp_path)
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     keys = [cache_key("race", str(i)) for i in range(total)]
     assert len(cache) == total and cache.missing(keys) == []
     assert cache.conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == total  # every key once
@@ -178,7 +178,7 @@ def test_concurrent_writers_with_overlapping_keys(tmp_path):
 
 
 def test_verify_finds_a_flipped_byte_and_repair_drops_it(tmp_path):
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     keys, vecs = _keys(20), _vecs(20)
     cache.put_many(keys, vecs)
     assert cache.verify() == {**cache.verify(), "bad": 0, "bad_crc": 0}
@@ -186,7 +186,7 @@ def test_verify_finds_a_flipped_byte_and_repair_drops_it(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[7 * 32 + 5] ^= 0x10  # row 7
     shard.write_bytes(raw)
-    report = TeacherCache(tmp_path).verify()
+    report = VectorStore(tmp_path).verify()
     assert report["bad"] == report["bad_crc"] == 1 and report["bad_keys"] == [keys[7].hex()]
     assert report["repaired"] == 0 and cache.missing(keys) == []  # reporting only changes nothing
     fixed = cache.verify(repair=True)
@@ -198,10 +198,10 @@ def test_verify_finds_a_flipped_byte_and_repair_drops_it(tmp_path):
 
 def test_gc_after_a_race_compacts_and_keeps_every_vector(tmp_path):
     total = _race(tmp_path, procs=2, n=600, block=40, max_shard_bytes=100 * 64)
-    a = TeacherCache(tmp_path, max_shard_bytes=100 * 64)
+    a = VectorStore(tmp_path, max_shard_bytes=100 * 64)
     keys = [cache_key("race", str(i)) for i in range(total)]
     a.get_many(keys)  # maps the old shards: they must keep working for this reader
-    b = TeacherCache(tmp_path, max_shard_bytes=100 * 64)
+    b = VectorStore(tmp_path, max_shard_bytes=100 * 64)
     b.missing = lambda ks: list(dict.fromkeys(ks))  # a writer that lost every race: all its rows unreferenced
     b.put_many(keys[:250], _race_vec(np.arange(250)))
     before = a.stats()
@@ -212,10 +212,10 @@ def test_gc_after_a_race_compacts_and_keeps_every_vector(tmp_path):
     assert result["compacted"] and after["unreferenced_rows"] == 0 and after["vectors"] == total
     assert after["shard_bytes"] == total * 64 and result["bytes_after"] <= result["bytes_before"]
     assert after["shards"] == -(-total // 100) and not old & set((tmp_path / "shards").iterdir())
-    for reader in (a, b, TeacherCache(tmp_path)):
+    for reader in (a, b, VectorStore(tmp_path)):
         np.testing.assert_array_equal(reader.get_many(keys), _race_vec(np.arange(total)))
     assert a.verify()["bad"] == 0
-    b.missing = TeacherCache.missing.__get__(b)
+    b.missing = VectorStore.missing.__get__(b)
     b.put_many([cache_key("race", "new")], np.ones((1, 16), np.float32))  # its shard is gone: it claims another
     assert len(a) == total + 1 and a.verify()["bad"] == 0
     np.testing.assert_array_equal(a.get_many([cache_key("race", "new")]), np.ones((1, 16), np.float32))
@@ -233,8 +233,8 @@ def test_legacy_store_is_imported_once(tmp_path):
     con.commit()
     con.close()
     with pytest.raises(ValueError, match="cache_dtype: float16"):  # imported, then the dtype guard speaks
-        TeacherCache(tmp_path, dtype="float32")
-    cache = TeacherCache(tmp_path, dtype="float16")
+        VectorStore(tmp_path, dtype="float32")
+    cache = VectorStore(tmp_path, dtype="float16")
     assert not (tmp_path / "embeddings.sqlite").exists() and (tmp_path / "embeddings.sqlite.migrated").exists()
     assert len(cache) == 300 and cache.dim == 8
     np.testing.assert_array_equal(cache.get_many(keys), vecs.astype(np.float32))
@@ -242,7 +242,7 @@ def test_legacy_store_is_imported_once(tmp_path):
 
 
 def _fill_and_close(path, n=10):
-    cache = TeacherCache(path)
+    cache = VectorStore(path)
     keys, vecs = _keys(n), _vecs(n)
     cache.put_many(keys, vecs)
     cache.close()
@@ -253,7 +253,7 @@ def _fill_and_close(path, n=10):
 def test_read_only_directory_reads_and_refuses_writes(tmp_path, monkeypatch, wal_shm_writable):
     import sqlite3
 
-    from dewey_lab import teacher_cache
+    from dewey_lab.data.store import vectors as teacher_cache
 
     keys, vecs = _fill_and_close(tmp_path)
     # root writes through any mode bits, so the probe says what a read-only mount would say
@@ -266,7 +266,7 @@ def test_read_only_directory_reads_and_refuses_writes(tmp_path, monkeypatch, wal
                 raise sqlite3.OperationalError("unable to open database file")
             return connect(database, *a, **kw)
         monkeypatch.setattr(teacher_cache.sqlite3, "connect", no_shm)
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     assert cache.read_only and len(cache) == 10
     np.testing.assert_array_equal(cache.get_many(keys), vecs)
     assert cache.missing(keys + [b"x" * 32]) == [b"x" * 32]
@@ -290,7 +290,7 @@ def test_read_only_directory_with_chmod(tmp_path):
         else:
             probe.unlink()
             pytest.skip("running as root: chmod does not stop writes (the monkeypatched test covers this)")
-        cache = TeacherCache(tmp_path / "c")
+        cache = VectorStore(tmp_path / "c")
         np.testing.assert_array_equal(cache.get_many(keys), vecs)
         with pytest.raises(PermissionError, match="is read-only"):
             cache.put_many([b"x" * 32], _vecs(1))
@@ -302,7 +302,7 @@ def test_disk_full_keeps_what_was_committed(tmp_path, monkeypatch):
     import errno
     import sqlite3
 
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     keys, vecs = _keys(300), _vecs(300)
     cache.put_many(keys[:100], vecs[:100])
     real = os.pwrite
@@ -320,13 +320,13 @@ def test_disk_full_keeps_what_was_committed(tmp_path, monkeypatch):
     assert len(cache) == 100 and shard.stat().st_size == 100 * 32  # the partial rows were truncated
     with open(shard, "ab") as f:  # a tail the failed write could not truncate: the next open drops it
         f.write(b"\xff" * 77)
-    again = TeacherCache(tmp_path)
+    again = VectorStore(tmp_path)
     assert shard.stat().st_size == 100 * 32
     np.testing.assert_array_equal(again.get_many(keys[:100]), vecs[:100])
     assert again.missing(keys) == keys[100:]
     def index_full(*args):  # the shard write went through, the index commit did not
         raise sqlite3.OperationalError("database or disk is full")
-    monkeypatch.setattr(TeacherCache, "_index", index_full)
+    monkeypatch.setattr(VectorStore, "_index", index_full)
     with pytest.raises(OSError, match=r"disk full while writing \(database or disk is full, 100 vectors"):
         cache.put_many(keys[100:200], vecs[100:200])
     monkeypatch.undo()
@@ -341,7 +341,7 @@ def test_pickled_into_a_worker_and_forked(tmp_path):
     import multiprocessing as mp
     import pickle
 
-    cache = TeacherCache(tmp_path)
+    cache = VectorStore(tmp_path)
     keys, vecs = _keys(50), _vecs(50)
     cache.put_many(keys[:25], vecs[:25])
     clone = pickle.loads(pickle.dumps(cache))
@@ -358,7 +358,7 @@ def test_pickled_into_a_worker_and_forked(tmp_path):
 def test_cache_command(tmp_path, capsys):
     import json
 
-    from dewey_lab.cache_cli import main
+    from dewey_lab.data.store.cli import main
 
     _fill_and_close(tmp_path)
     main(["stats", str(tmp_path), "--json"])
@@ -381,9 +381,9 @@ def test_cache_command(tmp_path, capsys):
 
 def test_merge_copies_what_is_missing_and_is_idempotent(tmp_path):
     """Caches filled on different nodes merge into one: every vector once, exact, the second merge a no-op."""
-    from dewey_lab.cache_cli import main as cache_main
+    from dewey_lab.data.store.cli import main as cache_main
 
-    a, b = TeacherCache(tmp_path / "a", dtype="float16"), TeacherCache(tmp_path / "b", dtype="float16")
+    a, b = VectorStore(tmp_path / "a", dtype="float16"), VectorStore(tmp_path / "b", dtype="float16")
     keys = [cache_key("t", str(i)) for i in range(300)]
     vecs = _vecs(300)
     a.put_many(keys[:200], vecs[:200])
@@ -391,15 +391,15 @@ def test_merge_copies_what_is_missing_and_is_idempotent(tmp_path):
     a.close()
     b.close()
     cache_main(["merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b")])
-    merged = TeacherCache(tmp_path / "all", dtype=None)
+    merged = VectorStore(tmp_path / "all", dtype=None)
     assert merged.dtype == "float16" and len(merged) == 300 and merged.verify()["bad"] == 0
     np.testing.assert_array_equal(merged.get_many(keys), vecs.astype(np.float16).astype(np.float32))
-    assert merged.merge(TeacherCache(tmp_path / "b", dtype=None))["copied"] == 0
+    assert merged.merge(VectorStore(tmp_path / "b", dtype=None))["copied"] == 0
     with pytest.raises(ValueError, match="different teachers"):
         merged.merge(_filled(tmp_path / "other", d=16))
 
 
 def _filled(path, d):
-    c = TeacherCache(path, dtype="float16")
+    c = VectorStore(path, dtype="float16")
     c.put_many([cache_key("u", "x")], _vecs(1, d=d))
     return c

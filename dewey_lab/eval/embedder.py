@@ -17,7 +17,7 @@ scores exactly as it does in sentence-transformers).
 Passages longer than ``max_length`` are truncated to it, as LongEmbed evaluates a model without
 an extension method; ``Item.truncated`` marks them so reports can say so. Batches are built
 to a token budget, longest first, so a 32k-token passage runs alone and short ones share a pass;
-ModernBERT batches longer than 2048 tokens use ``dewey_lab.attention``'s blocked sliding-window
+ModernBERT batches longer than 2048 tokens use ``dewey_lab.model.attention``'s blocked sliding-window
 SDPA, so memory grows linearly with length where flash-attn is absent.
 """
 
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dewey_lab.attention import banded, can_band, key_masks
-from dewey_lab.datamodule import text_token_mask
-from dewey_lab.pooling import masked_mean, span_mean
+from dewey_lab.data.datamodule import text_token_mask
+from dewey_lab.model.attention import banded, can_band, key_masks
+from dewey_lab.model.pooling import masked_mean, span_mean
 
 POOLINGS = ("cls", "mean", "cls_mean", "last")
 BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-window SDPA
@@ -99,7 +99,7 @@ class Embedder:
         self.normalize, self.name, self.fingerprint = normalize, name, fingerprint or name
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
-        self.extension = extension  # a bound dewey_lab.eval.extension.Extension, or None
+        self.extension = extension  # a bound dewey_lab.eval.extension.methods.Extension, or None
         self.window = max_length  # the model's own window L_o (load.extend() may raise max_length past it)
 
     @property

@@ -27,8 +27,8 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from dewey_lab.eval.embedder import Embedder, check_length, window_of
+from dewey_lab.model.student import load_tokenizer, pick_attn_implementation
 from dewey_lab.resolve import is_local, model_fingerprint, resolve_model
-from dewey_lab.student import load_tokenizer, pick_attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def extend(embedder: Embedder, extension=None, max_length: int | None = None, wi
     Without an extension, ``max_length`` may not exceed a learned position table (one-line error);
     with one, the extension is bound to the model (window L_o -> max_length) and says whether it fits.
     """
-    from dewey_lab.eval.extension import parse_extension
+    from dewey_lab.eval.extension.methods import parse_extension
 
     e = copy.copy(embedder)
     e.window = window or embedder.window
@@ -269,8 +269,8 @@ def _dense_layers(fetch, folder: str, halves: bool) -> list[torch.nn.Module]:
 
 def load_checkpoint(path: str):
     """The DistillModule of a ``dewey-lab fit`` checkpoint, on CPU, in eval mode."""
-    from dewey_lab.module import DistillModule
-    from dewey_lab.student import StudentConfig
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.model.student import StudentConfig
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; runs keep them under "

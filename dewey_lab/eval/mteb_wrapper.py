@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dewey_lab.eval.data import MTEB_NAMES
 from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.metrics import METRICS, trec_order
-from dewey_lab.eval.task import RetrievalTask
+from dewey_lab.eval.tasks.longembed import MTEB_NAMES
+from dewey_lab.eval.tasks.task import RetrievalTask
 
 MODES = ("single", "multi")
 LOWEST = float(torch.finfo(torch.float32).min)  # a passage with no chunk: last, but finite (JSON, pytrec_eval)

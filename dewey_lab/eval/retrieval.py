@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dewey_lab.data.store.vectors import VectorStore, cache_key
 from dewey_lab.eval.embedder import Embedder, Item
-from dewey_lab.eval.task import RetrievalTask
-from dewey_lab.teacher_cache import TeacherCache, cache_key
+from dewey_lab.eval.tasks.task import RetrievalTask
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class DenseRetriever:
         self.embedder, self.modes, self.block, self.progress = embedder, tuple(modes), block, progress
         # one store per model: vector sizes differ between models, and a store holds one size
         model_dir = hashlib.sha256(embedder.fingerprint.encode()).hexdigest()[:16]
-        self.cache = TeacherCache(Path(cache_dir) / model_dir) if cache_dir else None
+        self.cache = VectorStore(Path(cache_dir) / model_dir) if cache_dir else None
         self.truncated = 0  # passages cut at the window in the last score() call
 
     @property

@@ -16,10 +16,16 @@ import logging
 import sys
 import time
 
-from dewey_lab.eval.data import LOCO_SUBSETS, LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_loco, load_longembed
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.report import LONGEMBED_SIX, markdown, summarize, write_results
-from dewey_lab.eval.task import RetrievalTask
+from dewey_lab.eval.tasks.longembed import (
+    LOCO_SUBSETS,
+    LONGEMBED_REAL,
+    LONGEMBED_SYNTHETIC,
+    load_loco,
+    load_longembed,
+)
+from dewey_lab.eval.tasks.task import RetrievalTask
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
                 haystack: str | None = None) -> list[RetrievalTask]:
     """RetrievalTasks for ``names``: synthetic ones generated (lengths in ``tokenizer``'s tokens) or
     read from the benchmark; real ones from the hub or the ``source`` folder."""
-    from dewey_lab.eval.synthetic import make_synthetic, read_haystack
+    from dewey_lab.eval.tasks.synthetic import make_synthetic, read_haystack
 
     if synthetic not in ("generate", "benchmark"):
         raise ValueError(f"--synthetic must be generate or benchmark, got {synthetic!r}")
@@ -206,8 +212,8 @@ def prepare(a):
     extensions = split_specs(a.extension)
     if a.model == "bm25":
         from dewey_lab.eval.retrieval import BM25Retriever
+        from dewey_lab.model.student import load_tokenizer
         from dewey_lab.resolve import OFFLINE_TEACHER
-        from dewey_lab.student import load_tokenizer
 
         if extensions != ["none"]:
             raise ValueError("bm25 reads whole texts: it takes no --extension")

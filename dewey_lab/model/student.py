@@ -54,7 +54,7 @@ class StudentConfig:
 def pick_attn_implementation(requested: str = "auto") -> str:
     """Resolve ``auto`` (flash-attn, else torch's varlen kernels, else SDPA on CUDA; SDPA on a CPU);
     refuse a varlen backend where it cannot run, with the fix in the message."""
-    from dewey_lab.attention import TORCH_VARLEN, has_torch_varlen
+    from dewey_lab.model.attention import TORCH_VARLEN, has_torch_varlen
 
     has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
     if requested == "auto":

@@ -25,11 +25,11 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import get_linear_schedule_with_warmup
 
-from dewey_lab.attention import forward_rows
 from dewey_lab.distributed import all_ranks, gather_rows
-from dewey_lab.losses import LossTerm, default_losses
-from dewey_lab.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
-from dewey_lab.student import StudentConfig, build_student
+from dewey_lab.model.attention import forward_rows
+from dewey_lab.model.losses import LossTerm, default_losses
+from dewey_lab.model.pooling import ChunkMeanPooling, CLSPooling, PoolingHead
+from dewey_lab.model.student import StudentConfig, build_student
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class DistillModule(L.LightningModule):
             student: which ModernBERT to build and how (thetas, attention backend).
             whole_pooling: whole-text embedding head (Dewey: CLS).
             chunk_pooling: chunk embedding head (Dewey: mean of the chunk's tokens).
-            losses: the loss terms by name (``dewey_lab.losses``), summed with their weights and logged
+            losses: the loss terms by name (``dewey_lab.model.losses``), summed with their weights and logged
                 as ``train/loss_<name>_<target>``. Default: ``cosine`` (weight 10) and ``similarity``
                 (weight 200) on whole and chunk, Jasper's recipe; ``experiments/base.yaml`` spells it out.
             projection: head from the student's hidden size to the teacher's dimension. ``auto``:

@@ -64,7 +64,7 @@ def _attend(logits: Tensor, v: Tensor, attention_mask: Tensor | None, scaling: f
 
     ``attention_mask``: None, a flash-style (B, L) padding mask (keys only), a boolean mask (True: attend)
     or an additive one; ``causal`` also hides keys after the query (decoders)."""
-    from dewey_lab.eval.extension import _SCALE
+    from dewey_lab.eval.extension.methods import _SCALE
 
     scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active: (B,) factors, one per sequence
     factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0

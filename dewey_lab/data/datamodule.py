@@ -16,7 +16,7 @@ Held-out texts are whole documents (chosen by a hash of the document id), so val
 measures generalisation to unseen text, not to unseen windows of seen text.
 
 ``streaming: true`` keeps steps 1-3 and 5 but builds nothing up front: each rank reads its shard
-of the corpus while training, and step 4 happens as batches arrive (``dewey_lab.streaming``).
+of the corpus while training, and step 4 happens as batches arrive (``dewey_lab.data.streaming``).
 """
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dewey_lab.chunking import Chunker, Span, char_spans_to_token_spans
-from dewey_lab.corpus import CorpusSource, Document, MixtureCorpus, PydocCorpus
-from dewey_lab.packing import (
+from dewey_lab.data.chunking import Chunker, Span, char_spans_to_token_spans
+from dewey_lab.data.corpus import CorpusSource, Document, MixtureCorpus, PydocCorpus
+from dewey_lab.data.packing import (
     FixedBatchSampler,
     ResumableLoader,
     TokenBudgetBatchSampler,
     first_fit_decreasing,
 )
+from dewey_lab.data.store.vectors import VectorStore, cache_key
+from dewey_lab.data.teacher import SentenceTransformerTeacher, Teacher
+from dewey_lab.model.student import load_tokenizer
 from dewey_lab.resolve import OFFLINE_TEACHER
-from dewey_lab.student import load_tokenizer
-from dewey_lab.teacher import SentenceTransformerTeacher, Teacher
-from dewey_lab.teacher_cache import TeacherCache, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DistillDataModule(L.LightningDataModule):
             fill_shard: ``"k/N"``: this process embeds only the k-th of N disjoint shards of the texts
                 (by key), e.g. one job of a ``dewey-lab fill`` array; the cache takes N writers at once.
             streaming: read the corpus as a stream while training instead of building every window
-                first (``dewey_lab.streaming``): per-rank and per-worker shards, resumable mid-stream,
+                first (``dewey_lab.data.streaming``): per-rank and per-worker shards, resumable mid-stream,
                 endless (set ``trainer.max_steps``); a list of corpora is interleaved, not chained.
             stream_block: windows shuffled together in a stream (more: better mixing, more memory).
             stream_fill: embed texts the cache lacks as their batch arrives (the training process's
@@ -157,7 +157,7 @@ class DistillDataModule(L.LightningDataModule):
                              f"({pack_length or max_length} tokens); raise it or set it to null")
         self.batch_tokens, self.pack = batch_tokens, pack
         self.pack_length = (pack_length or max_length) if pack else None
-        self.cache = TeacherCache(cache_dir, cache_dtype)
+        self.cache = VectorStore(cache_dir, cache_dtype)
         self.fill_block = fill_block
         self.fill_shard = _parse_shard(fill_shard)
         self.fill_stats: FillStats | None = None
@@ -256,7 +256,7 @@ class DistillDataModule(L.LightningDataModule):
     def fill_stream(self) -> None:
         """``dewey-lab fill`` of a streamed corpus: every window of every document (of this
         ``fill_shard``'s documents), block by block in bounded memory; a kill loses one block."""
-        from dewey_lab.streaming import shard_of
+        from dewey_lab.data.streaming import shard_of
 
         k, n = self.fill_shard or (0, 1)
         total, texts = FillStats(), {}
@@ -367,8 +367,8 @@ class DistillDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def _stream_loader_(self) -> DataLoader:
+        from dewey_lab.data.streaming import StreamLoader, WindowStream
         from dewey_lab.distributed import world
-        from dewey_lab.streaming import StreamLoader, WindowStream
 
         rank, size = world()
         workers = max(1, self.num_workers)

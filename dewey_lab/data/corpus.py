@@ -240,7 +240,7 @@ class ParquetCorpus(_RecordCorpus):
     _batch_rows = 1024
 
     def _raw(self) -> Iterator[tuple[str, str]]:
-        import pyarrow.parquet as pq  # lazy: keeps `import dewey_lab.corpus` (and the pydoc child) light
+        import pyarrow.parquet as pq  # lazy: keeps `import dewey_lab.data.corpus` (and the pydoc child) light
 
         for file in self._files():
             pf = pq.ParquetFile(file)
@@ -320,7 +320,7 @@ class HFCorpus(CorpusSource):
             data_files=self.data_files,
         )
         # ds.iter, not iter(ds): in a DataLoader worker, iter(ds) hands each worker only some of the
-        # dataset's files, and a stream's shards (dewey_lab.streaming) must see every document
+        # dataset's files, and a stream's shards (dewey_lab.data.streaming) must see every document
         index = 0
         for block in ds.iter(batch_size=256):
             for row in (dict(zip(block, values)) for values in zip(*block.values())):
@@ -463,7 +463,7 @@ def _path_substitutions() -> list[tuple[str, str]]:
     named = {
         "<venv>": [sys.prefix, sys.exec_prefix],
         "<python>": [sys.base_prefix, sys.base_exec_prefix],
-        "<project>": [str(Path(__file__).resolve().parent.parent)],
+        "<project>": [str(Path(__file__).resolve().parents[2])],
         "<home>": [str(Path.home())],
     }
     pairs = {

@@ -32,7 +32,7 @@ layers never see a distance beyond their 128-token window. With s = 1 every meth
 unextended model.
 
 Select one from the CLI (``--extension pi``, ``--extension "selfextend(group=9,window=64)"``) or
-YAML (``class_path: dewey_lab.eval.extension.NTK``, ``init_args: {factor: 10}``).
+YAML (``class_path: dewey_lab.eval.extension.methods.NTK``, ``init_args: {factor: 10}``).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from dewey_lab.attention import BANDED
 from dewey_lab.eval.embedder import uses_rope
+from dewey_lab.model.attention import BANDED
 
 POSITION_OFFSET = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}  # positions start at pad_id + 1
 
@@ -322,7 +322,7 @@ class SelfExtend(Extension):
 
     def bind(self, model, original, target):
         super().bind(model, original, target)
-        from dewey_lab.eval.self_extend import decoder_fits
+        from dewey_lab.eval.extension.self_extend import decoder_fits
 
         if model.config.model_type != "modernbert" and not decoder_fits(model):
             raise ValueError(f"extension selfextend is built for ModernBERT's global layers and Llama-family "
@@ -333,7 +333,7 @@ class SelfExtend(Extension):
 
     @contextmanager
     def patched(self, model, lengths, width):
-        from dewey_lab.eval.self_extend import self_extend_layers
+        from dewey_lab.eval.extension.self_extend import self_extend_layers
 
         with self_extend_layers(model, self.g, self.w):
             yield {}

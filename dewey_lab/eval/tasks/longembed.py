@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dewey_lab.eval.task import RetrievalTask
+from dewey_lab.eval.tasks.task import RetrievalTask
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _read_jsonl(path: Path) -> _Table:
 
 
 def _read_parquet(path: Path) -> _Table:
-    import pyarrow as pa  # lazy: keeps `import dewey_lab.eval.data` light
+    import pyarrow as pa  # lazy: keeps `import dewey_lab.eval.tasks.longembed` light
     import pyarrow.parquet as pq
 
     try:

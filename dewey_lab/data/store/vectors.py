@@ -116,7 +116,7 @@ class _ShardGone(Exception):
     """An index entry named a shard that gc has just replaced: look the keys up again."""
 
 
-class TeacherCache:
+class VectorStore:
     """Embedding store at ``path`` (a directory; see the module docstring for its layout).
 
     Args:
@@ -540,7 +540,7 @@ class TeacherCache:
             last = rows[-1][0]
             yield rows
 
-    def merge(self, other: TeacherCache, block: int = 8192) -> dict:
+    def merge(self, other: VectorStore, block: int = 8192) -> dict:
         """Copy every vector of ``other`` that this cache lacks (e.g. caches filled on different
         nodes, since SQLite's WAL cannot be shared over a network filesystem). Block by block,
         each block one commit, so a killed merge resumes where it stopped."""

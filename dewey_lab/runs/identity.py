@@ -114,7 +114,7 @@ def scale_of(files: list[str]) -> str:
 def data_fingerprints(config: dict) -> dict[str, str]:
     """The corpus and teacher fingerprints the run's data module will record (built from the config's
     ``data`` block, without reading the corpus or loading the teacher's weights)."""
-    from dewey_lab.datamodule import DistillDataModule
+    from dewey_lab.data.datamodule import DistillDataModule
 
     dm = DistillDataModule.from_config(config)
     return {"corpus": f"{type(dm.corpus).__name__}:{dm.corpus.fingerprint()}", "teacher": dm.teacher.fingerprint}
@@ -131,7 +131,7 @@ def read_run_info(run_dir: Path) -> dict:
 def checkpoint_identity(path: str | Path) -> dict | None:
     """The identity a checkpoint was written with (None for one written before identities), read
     without loading its tensors (a memory map)."""
-    from dewey_lab.checkpoint import peek_checkpoint
+    from dewey_lab.runs.checkpoint import peek_checkpoint
 
     return peek_checkpoint(path).get("dewey_run")
 

@@ -17,7 +17,7 @@ names the runs ``loss=cosine_only`` and ``loss=jasper``. Variant k becomes ordin
 (``runs/theta_ablation/global_rope_theta=160000/``), so every value is type-checked by the same
 parser as a hand-written run. ``dewey-lab fit -c <study>.yaml`` runs variant 0 (``--sweep_index k``
 another); ``dewey-lab sweep -c <study>.yaml`` runs them all, skipping those with a finished run of the
-same identity (``dewey_lab.identity``; ``--force`` reruns), or prints one command per variant (``--print``).
+same identity (``dewey_lab.runs.identity``; ``--force`` reruns), or prints one command per variant (``--print``).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dewey_lab.corpus import CorpusSource, Document
-from dewey_lab.packing import FixedBatchSampler, TokenBudgetBatchSampler
+from dewey_lab.data.corpus import CorpusSource, Document
+from dewey_lab.data.packing import FixedBatchSampler, TokenBudgetBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class WindowStream(IterableDataset):
     # -- documents -> blocks -> batches --------------------------------------------------------
     def documents(self, shard: int, n_shards: int) -> Iterator[tuple[int, Document]]:
         """(position in the corpus, document) of this shard's training documents, duplicates dropped."""
-        from dewey_lab.datamodule import unique_documents
+        from dewey_lab.data.datamodule import unique_documents
 
         for pos, doc in unique_documents(self.corpus, keep=lambda digest: shard_of(digest, n_shards) == shard):
             if not self.windower.is_val(doc):
@@ -119,7 +119,7 @@ class WindowStream(IterableDataset):
         yield block_start, None, windows
 
     def batches(self, shard: int, n_shards: int, state: ShardState) -> Iterator[tuple[dict, ShardState]]:
-        from dewey_lab.datamodule import Example
+        from dewey_lab.data.datamodule import Example
 
         epoch, start, skip = state.epoch, state.pos, state.done
         carry = [Example(d, t, [tuple(c) for c in ch], n) for d, t, ch, n in state.carry]
@@ -156,7 +156,7 @@ class WindowStream(IterableDataset):
     def make_batch(self, examples: list) -> dict:
         """Collated examples with their teacher vectors; rows the cache lacks are zeros, listed in ``_missing``
         as (row of [whole vectors; chunk vectors], key, text)."""
-        from dewey_lab.datamodule import item_without_vectors
+        from dewey_lab.data.datamodule import item_without_vectors
 
         items, keys, texts = [], [], []
         for ex in examples:

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from dewey_lab.teacher_cache import INDEX_NAME, LEGACY_NAME, TeacherCache
+from dewey_lab.data.store.vectors import INDEX_NAME, LEGACY_NAME, VectorStore
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         if not a.sources:
             p.error("merge needs the caches to copy from: dewey-lab cache merge DIR SOURCE [SOURCE ...]")
         _check(*map(Path, a.sources))
-        sources = [TeacherCache(src, dtype=None) for src in a.sources]
-        cache, out = TeacherCache(path, dtype=a.dtype or sources[0].dtype), {}
+        sources = [VectorStore(src, dtype=None) for src in a.sources]
+        cache, out = VectorStore(path, dtype=a.dtype or sources[0].dtype), {}
         for src, source in zip(a.sources, sources, strict=True):
             out[src] = cache.merge(source)
         print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     _check(path)
     if a.repair and a.command != "verify":
         p.error("--repair goes with verify")
-    cache = TeacherCache(path, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes)
+    cache = VectorStore(path, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes)
     try:
         if a.command == "stats":
             out = cache.stats()

@@ -4,7 +4,7 @@ Reads ``runs/<study>/<variant>/`` (event files, ``run_info.json``) and writes
 ``results/<study>/report.md`` with the final losses, validation cosines, passkey / needle Acc@1 per
 length, wall time and teacher-cache hit rate of every variant, plus ``loss.png`` (train/loss
 curves) and ``passkey.png`` (Acc@1 against length at the last check, one line per variant). Runs
-are grouped by their identity (``dewey_lab.identity``) and by scale: runs of another scale go in a
+are grouped by their identity (``dewey_lab.runs.identity``) and by scale: runs of another scale go in a
 table of their own, never in the same rows.
 """
 
@@ -47,7 +47,7 @@ def synthetic_at_last_check(scalars: dict) -> dict[str, dict[int, float]]:
 
 def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_file: str | None = None) -> Path:
     """One table per scale (the experiment files stacked under the study), one row per run identity
-    (``dewey_lab.identity``: runs of one identity are one run, its newest finished directory reported);
+    (``dewey_lab.runs.identity``: runs of one identity are one run, its newest finished directory reported);
     rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run."""
     root = Path(runs_dir) / study
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -106,7 +106,7 @@ def _representative(names: list[str], data: dict) -> str:
 
 
 def _variant_order(study_file: Path) -> list[str]:
-    from dewey_lab.sweep import sweep_block, variants
+    from dewey_lab.runs.sweep import sweep_block, variants
 
     return [name for name, _ in variants(sweep_block([str(study_file)]))] if study_file.is_file() else []
 
@@ -146,7 +146,7 @@ def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yl
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m dewey_lab.compare <study>   (make compare EXP=<study>)")
+        raise SystemExit("usage: python -m dewey_lab.runs.compare <study>   (make compare EXP=<study>)")
     print(compare(argv[0]))
 
 

@@ -25,7 +25,7 @@ def non_finite_tensors(state: dict[str, Any]) -> list[str]:
 
 class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        from dewey_lab.student import StudentConfig
+        from dewey_lab.model.student import StudentConfig
 
         with torch.serialization.safe_globals([StudentConfig]):  # our hparams dataclass; weights-only load
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
@@ -57,7 +57,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def peek_checkpoint(path) -> dict:
     """A checkpoint's contents with its tensors memory-mapped, not read: cheap for a look at its step or
     its run identity (``checkpoint["dewey_run"]``) however large the weights."""
-    from dewey_lab.student import StudentConfig
+    from dewey_lab.model.student import StudentConfig
 
     with torch.serialization.safe_globals([StudentConfig]):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)

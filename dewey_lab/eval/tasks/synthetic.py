@@ -6,7 +6,7 @@ shared by 50 queries, each query with exactly one relevant document; the score i
 - passkey: the filler "The grass is green. ..." repeated, with the sentence "<Name>'s pass key
   is <N>. Remember it. <N> is the pass key for <Name>." at a random depth; the query is
   "What is the pass key for <Name>?".
-- needle: one of the 100 facts in :mod:`dewey_lab.eval.needles` at a random depth of a long text
+- needle: one of the 100 facts in :mod:`dewey_lab.eval.tasks.needles` at a random depth of a long text
   (by default the offline stdlib pydoc corpus instead of the paper's Paul Graham essays); the
   query is the fact's question.
 
@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dewey_lab.corpus import PydocCorpus
-from dewey_lab.eval.needles import NEEDLES
-from dewey_lab.eval.task import RetrievalTask
+from dewey_lab.data.corpus import PydocCorpus
+from dewey_lab.eval.tasks.needles import NEEDLES
+from dewey_lab.eval.tasks.task import RetrievalTask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

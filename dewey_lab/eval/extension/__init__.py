@@ -1,0 +1,1 @@
+"""Training-free context-window extension methods (PCW, GP, RP, PI, NTK, YaRN, SelfExtend)."""

@@ -1,0 +1,1 @@
+"""Runs you can trust: a run's identity, study sweeps, checkpoint I/O and ``make compare``."""
