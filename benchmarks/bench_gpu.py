@@ -67,7 +67,7 @@ def lengths_and_ids(max_length: int, n_texts: int, seed: int = 0) -> list[list[i
     """Token ids of ``n_texts`` offline-corpus documents, each cut at ``max_length`` tokens."""
     from transformers import AutoTokenizer
 
-    from dewey_lab.data.corpus import PydocCorpus
+    from dewey_lab.data.pydoc import PydocCorpus
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
     docs = [d.text for d in PydocCorpus(cache_path=str(REPO / "data" / "pydoc_corpus.jsonl")).documents()]
@@ -107,7 +107,7 @@ def train_flops_per_token(cfg, params: int, texts: list[int]) -> float:
 # -- one case, in its own process -----------------------------------------------------------------
 def train_case(shape: str, attn: str, layout: str, compiled: str, max_length: int, batch: int, steps: int,
                warmup: int) -> dict:
-    from dewey_lab.data.datamodule import collate
+    from dewey_lab.data.items import collate
     from dewey_lab.model.module import DistillModule
     from dewey_lab.model.student import StudentConfig
 

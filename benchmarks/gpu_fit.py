@@ -33,7 +33,7 @@ from bench_gpu import SHAPES, TOKENIZER, items_of, lengths_and_ids
 def main(argv: list[str] | None = None) -> dict:
     import lightning as L
 
-    from dewey_lab.data.datamodule import collate
+    from dewey_lab.data.items import collate
     from dewey_lab.model.module import DistillModule
     from dewey_lab.model.student import StudentConfig
 

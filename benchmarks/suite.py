@@ -11,7 +11,7 @@ Sections, each on the same student, data and batch within it:
   token-budget batches; the offline corpus's own lengths (whole documents cut at ``--max-length``).
 * ``st``: ours against sentence-transformers' distillation trainer (SentenceTransformerTrainer +
   MSELoss on the precomputed teacher vectors), same student init, texts and batch size.
-* ``stream``: a streamed corpus's costs (``data.streaming``): reading and hashing a document (every
+* ``stream``: a streamed corpus's costs (``data.stream``): reading and hashing a document (every
   process pays it for every document) against cutting it into windows (paid once, by its shard),
   and the training batches/s a stream loader delivers from a filled cache with 0 and 2 workers.
 * ``multivector``: chunk vectors of one passage, one pass (late chunking) against one pass per
@@ -50,14 +50,20 @@ TINY = {**TINY_STUDENT, "max_position_embeddings": 131072}
 
 
 # -- shared set-up ----------------------------------------------------------------------------------
-def data_module(cache_dir: str, max_length: int, batch_size: int = 16, **kw):
-    from dewey_lab.data.corpus import PydocCorpus
+def data_module(cache_dir: str, max_length: int, batch_size: int = 16, stream: dict | None = None, **batching):
+    """The offline corpus's first windows of ``max_length`` tokens; ``batching`` and ``stream``: their groups' fields."""
     from dewey_lab.data.datamodule import DistillDataModule
+    from dewey_lab.data.fill import CacheConfig
+    from dewey_lab.data.packing import BatchConfig
+    from dewey_lab.data.pydoc import PydocCorpus
+    from dewey_lab.data.streaming import StreamConfig
     from dewey_lab.data.teacher import SentenceTransformerTeacher
+    from dewey_lab.data.windows import WindowConfig
 
-    teacher = SentenceTransformerTeacher(max_length=256, batch_size=64, batch_tokens=kw.pop("teacher_tokens", 8192))
-    return DistillDataModule(corpus=PydocCorpus(), teacher=teacher, max_length=max_length, overflow="truncate",
-                             batch_size=batch_size, cache_dir=cache_dir, val_fraction=0.0, **kw)
+    teacher = SentenceTransformerTeacher(max_length=256, batch_size=64, batch_tokens=8192)
+    return DistillDataModule(corpus=PydocCorpus(), teacher=teacher, cache=CacheConfig(cache_dir),
+                             windows=WindowConfig(max_length=max_length, overflow="truncate", val_fraction=0.0),
+                             batching=BatchConfig(batch_size=batch_size, **batching), stream=StreamConfig(**(stream or {})))
 
 
 def student_module(config: dict, attn: str = "sdpa", seed: int = 0):
@@ -85,7 +91,7 @@ def bench_fill(a) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     dm = data_module(str(cache), a.max_length)
     examples = dm.examples()["train"]
-    all_texts = [t for e in examples for t in [e.text, *(e.text[s:x] for s, x in e.chunks)]]
+    all_texts = [t for e in examples for t in e.teacher_texts()]
     _ = dm.teacher.model  # load the teacher before the clock starts (both sides)
     t0 = time.perf_counter()
     dm.prepare_data()
@@ -106,10 +112,10 @@ def bench_fill(a) -> dict:
 
 # -- streaming --------------------------------------------------------------------------------------
 def bench_stream(a) -> dict:
-    from dewey_lab.data.datamodule import text_digest
+    from dewey_lab.data.windows import text_digest
 
     set_threads()
-    dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, streaming=True)
+    dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, stream={"enabled": True})
     docs = list(dm.corpus.documents())
     mb = sum(len(d.text.encode()) for d in docs) / 1e6
     passes, t0 = 0, time.perf_counter()
@@ -125,8 +131,8 @@ def bench_stream(a) -> dict:
     out = {"docs": len(docs), "mb": mb, "read_us": read_s / len(docs) * 1e6, "window_us": window_s / len(docs) * 1e6,
            "windows": n_windows, "loaders": []}
     for workers in (0, 2):
-        dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, streaming=True,
-                         num_workers=workers, stream_fill=False, stream_block=256)
+        dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size, num_workers=workers,
+                         stream={"enabled": True, "fill": False, "block": 256})
         dm.prepare_data()
         dm.setup("fit")
         it = iter(dm.train_dataloader())
@@ -189,13 +195,12 @@ def st_case(a) -> dict:
     from sentence_transformers.losses import MSELoss
     from transformers import TrainerCallback
 
-    from dewey_lab.data.datamodule import example_keys
     from dewey_lab.export import export
 
     set_threads()
     dm = data_module(str(Path(a.work) / "teacher_cache"), a.max_length, a.batch_size)
     examples = dm.examples()["train"]
-    labels = dm.cache.get_many([example_keys(dm.teacher.fingerprint, e)[0] for e in examples])
+    labels = dm.cache.get_many([e.keys[0] for e in examples])
     module = student_module(TINY)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
@@ -224,7 +229,7 @@ def st_case(a) -> dict:
 
 # -- multi-vector ----------------------------------------------------------------------------------
 def bench_multivector(a) -> list[dict]:
-    from dewey_lab.data.corpus import PydocCorpus
+    from dewey_lab.data.pydoc import PydocCorpus
     from dewey_lab.encode import load
 
     set_threads()

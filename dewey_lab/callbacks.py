@@ -26,6 +26,7 @@ from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.retrieval import DenseRetriever
 from dewey_lab.eval.tasks.task import RetrievalTask
+from dewey_lab.model.pooling import PoolingHead
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class PasskeyCallback(L.Callback):
     def __init__(self, every_n_steps: int = 500, lengths: Sequence[int] = (256, 1024, 4096, 16384),
                  tasks: Sequence[str] = ("passkey", "needle"), n_queries: int = 50, n_docs: int = 100,
-                 modes: Sequence[str] = ("single", "multi"), pooling: str = "mean", chunk_size: int = 256,
+                 modes: Sequence[str] = ("single", "multi"), pooling: str | None = None, chunk_size: int = 256,
                  chunk_overlap: int = 64, seed: int = 0, haystack: str | None = None,
                  check_at_start: bool = True, token_budget: int = 16384) -> None:
         """
@@ -43,7 +44,9 @@ class PasskeyCallback(L.Callback):
             tasks: any of passkey, needle.
             n_queries, n_docs: per length (LongEmbed: 50 over 100 shared candidates).
             modes: single and / or multi (late-chunked, best chunk).
-            pooling: single-vector pooling: mean (Dewey's choice for long text), cls or cls_mean.
+            pooling: single-vector pooling: None scores the whole-text head being trained
+                (``model.whole_pooling``), so a pooling study sets its choice once; a head's name
+                (``PoolingHead.choices()``: cls, mean, cls_mean, ...) scores that one instead.
             chunk_size, chunk_overlap: multi-vector windows in tokens.
             seed: the generated sets' seed.
             haystack: needle haystack file (.txt / .jsonl); None: the offline pydoc text.
@@ -54,6 +57,9 @@ class PasskeyCallback(L.Callback):
         bad = [t for t in tasks if t not in ("passkey", "needle")]
         if bad:
             raise ValueError(f"PasskeyCallback tasks: unknown {bad[0]!r}; use passkey and / or needle")
+        if pooling is not None and pooling not in PoolingHead.choices():
+            names = ", ".join(PoolingHead.choices())
+            raise ValueError(f"PasskeyCallback pooling: unknown {pooling!r}; use one of {names} or null (the trained head)")
         self.every_n_steps, self.lengths, self.tasks = every_n_steps, sorted(lengths), list(tasks)
         self.n_queries, self.n_docs, self.modes, self.pooling = n_queries, n_docs, list(modes), pooling
         self.chunk_size, self.chunk_overlap, self.seed, self.haystack = chunk_size, chunk_overlap, seed, haystack
@@ -93,8 +99,11 @@ class PasskeyCallback(L.Callback):
 
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(pl_module.spec.tokenizer_name)
-        return Embedder(pl_module.student, self._tokenizer, head=pl_module.projection, pooling=self.pooling,
-                        max_length=max(self.lengths), chunk_size=self.chunk_size, chunk_overlap=self.chunk_overlap,
+        whole = PoolingHead.pick(self.pooling, pl_module.whole_pooling, pl_module.student.config.hidden_size,
+                                 where="PasskeyCallback pooling")  # None: the head being trained, weights and all
+        return Embedder(pl_module.student, self._tokenizer, head=pl_module.projection, pooling=whole,
+                        chunk_pooling=pl_module.chunk_pooling, max_length=max(self.lengths),
+                        chunk_size=self.chunk_size, chunk_overlap=self.chunk_overlap,
                         token_budget=self.token_budget, name="student", device=pl_module.device)
 
     @torch.no_grad()

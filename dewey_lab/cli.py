@@ -20,7 +20,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -42,7 +42,7 @@ class DeweyCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         # the data module tokenises with the student's tokenizer: one setting, two readers
-        parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.tokenizer",
+        parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.windows.tokenizer",
                               compute_fn=lambda tokenizer, name: tokenizer or name)
 
     identity: dict | None = None  # the fit's run identity (dewey_lab.runs.identity), set before anything is built
@@ -147,6 +147,8 @@ def main(args: list[str] | None = None) -> None:
     parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}
     parser_kwargs.update({sub: dict(sub_kwargs) for sub in ("fit", "validate", "test", "predict")})
     run_info = RunInfo()
+    if "--help" in argv or "-h" in argv:  # the docstring under each field of StudentConfig, WindowConfig, ... is
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # its help (slow: --help only)
     try:
         if argv[:1] == ["eval"]:  # not a Trainer command: LongEmbed / LoCo scoring of any model
             from dewey_lab.eval.run import main as eval_main
@@ -163,7 +165,7 @@ def main(args: list[str] | None = None) -> None:
 
             cache_main(argv[1:])
             return
-        if argv[:1] == ["fill"]:  # the teacher fill alone (a CPU/GPU job, or one of an array with --data.fill_shard)
+        if argv[:1] == ["fill"]:  # the teacher fill alone (a CPU/GPU job, or one of an array with --data.cache.fill_shard)
             fill(argv[1:], parser_kwargs)
             return
         if argv[:1] == ["sweep"]:  # every variant of a study, each its own run
@@ -282,13 +284,13 @@ def stack_maps(argv: list[str]) -> list[str]:
 
 
 def fill(argv: list[str], parser_kwargs: dict) -> None:
-    """``dewey-lab fill -c <experiment>.yaml [--data.fill_shard k/N]``: fill the teacher cache for an
+    """``dewey-lab fill -c <experiment>.yaml [--data.cache.fill_shard k/N]``: fill the teacher cache for an
     experiment's data without building a student or a trainer. N jobs with shards 0/N ... N-1/N
     fill one cache together (one writer per process), each text embedded once (a stream's shards are
     documents, so a chunk text two documents share may be embedded by two jobs)."""
     check_config_files(["fit", *argv])
     dm = DistillDataModule.from_config(merged_config(["fit", *argv], parser_kwargs))
-    dm.fill_stream() if dm.streaming else dm.prepare_data()  # a stream: every window, block by block
+    dm.fill_stream() if dm.stream.enabled else dm.prepare_data()  # a stream: every window, block by block
 
 
 def run_sweep(argv: list[str], parser_kwargs: dict) -> None:

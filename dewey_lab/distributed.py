@@ -145,8 +145,8 @@ def balance(lengths: list[int], world_size: int) -> list[list[int]]:
     """Indices of one global batch split over ranks by token count: longest first, each to the rank
     with the fewest tokens so far (LPT; within 4/3 of the best split). Every rank gets >= 1 text."""
     if len(lengths) < world_size:
-        raise ValueError(f"a batch of {len(lengths)} texts cannot feed {world_size} ranks; raise data.batch_size "
-                         "(it counts texts per step over all ranks)")
+        raise ValueError(f"a batch of {len(lengths)} texts cannot feed {world_size} ranks; raise "
+                         "data.batching.batch_size (it counts texts per step over all ranks)")
     parts: list[list[int]] = [[] for _ in range(world_size)]
     load = [0] * world_size
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

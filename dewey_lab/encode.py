@@ -3,7 +3,8 @@
     from dewey_lab.encode import load
 
     enc = load("runs/tiny/version_0/checkpoints/last.ckpt")   # or an exported dir, a hub id, pkg://...
-    vecs = enc.encode(["a question", "a passage"], mode="mean")       # (2, D), unit vectors
+    vecs = enc.encode(["a question", "a passage"])                    # (2, D), unit vectors, the trained head
+    vecs = enc.encode(["a question", "a passage"], mode="mean")       # or another PoolingHead by name
     out = enc.encode_chunks(long_text, chunker=Chunker(256, 256))     # or spans=[(0, 900), ...]
     out.vectors, out.char_spans, out.token_spans                      # (M, D), [(c0, c1)], [(t0, t1)]
 
@@ -17,7 +18,6 @@ covers) never depends on the windowing, and memory is bounded by one window at a
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from dewey_lab.data.chunking import char_spans_to_token_spans
-from dewey_lab.data.datamodule import text_token_mask
-from dewey_lab.eval.embedder import POOLINGS, Embedder
-from dewey_lab.model.pooling import span_mean
+from dewey_lab.data.items import text_token_mask
+from dewey_lab.eval.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +69,12 @@ class Encoder:
                 None: ""}.get(prompt, prompt)
 
     def encode(self, texts: str | Sequence[str], mode: str | None = None, prompt: str | None = "passage") -> Tensor:
-        """(N, D) vectors; ``mode`` is cls, mean or cls_mean (default: the model's); ``prompt`` is
+        """(N, D) vectors; ``mode`` is a pooling head's name, e.g. cls, mean or cls_mean (default: the model's
+        own, a checkpoint's trained head); ``prompt`` is
         ``query``, ``passage`` (the model's prompts), ``None`` or a literal string. Texts longer than
         the window are truncated to it, as every single-vector encoder does, with a warning that counts them."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        e = self.embedder
-        if mode is not None and mode != e.pooling:
-            if mode not in POOLINGS:
-                raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(POOLINGS)}")
-            e = copy.copy(e)
-            e.pooling = mode
+        e = self.embedder.with_pooling(mode)  # one-line error for an unknown name
         items = e.tokenize(texts, self._prompt(prompt))
         cut = sum(it.truncated for it in items)
         if cut:
@@ -133,7 +128,8 @@ class Encoder:
             row = torch.tensor([r for _, r in mine], device=e.device)
             lo = torch.tensor([token_spans[k][0] + s for (k, _), s in zip(mine, shift)], device=e.device)
             hi = torch.tensor([token_spans[k][1] + s for (k, _), s in zip(mine, shift)], device=e.device)
-            vectors[[k for k, _ in mine]] = e._finish(span_mean(hidden, row, lo, hi)).cpu()
+            chunks = e.chunk_head(hidden, {"chunk_row": row, "chunk_start": lo, "chunk_end": hi})  # (n, H)
+            vectors[[k for k, _ in mine]] = e._finish(chunks).cpu()
         return Chunks(vectors, char_spans, token_spans, len(todo))
 
     def _layout(self, n: int, specials: int, token_spans: list[Span]) -> tuple[list[int], int]:
@@ -193,6 +189,9 @@ def _spans_of(chunker, text: str) -> list[Span]:
 def load(model: str, *, pooling: str | None = None, window: int | None = None, device: str = "auto",
          dtype: str = "auto", **kwargs) -> Encoder:
     """An :class:`Encoder` for a hub id, local or exported directory, ``pkg://`` model or ``.ckpt``.
+
+    ``pooling``: a pooling head's name (``dewey_lab.model.pooling.PoolingHead.choices()``); default: the
+    model's own (a checkpoint's trained whole-text head, an export's recorded pooling).
 
     ``kwargs`` go to :func:`dewey_lab.eval.load.load_embedder` (prompts, chunk_size, max_length...)."""
     from dewey_lab.eval.load import load_embedder

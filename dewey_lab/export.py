@@ -7,6 +7,11 @@ it without ``trust_remote_code`` (Dewey's own release needed remote code):
 
     Transformer (ModernBertModel + the tokenizer)  ->  [WordWeights]  ->  Pooling  ->  [Dense]  ->  Normalize
 
+The pooling is the checkpoint's trained whole-text head unless ``--pooling`` names another
+(``dewey_lab.model.pooling``). Each head declares the sentence-transformers Pooling modes whose average
+it is (``PoolingHead.sentence_transformers_modes``); a head that declares none (``attention``: a learned
+query, which no stock module computes) is refused in one line, never exported as something else.
+
 * ``cls``: Pooling(cls). Exact.
 * ``mean``: dewey_lab pools text tokens only (no CLS, SEP, prompt; the Dewey report). Stock Pooling
   would also average CLS and SEP, so a WordWeights module gives the special tokens weight 0 and
@@ -14,8 +19,14 @@ it without ``trust_remote_code`` (Dewey's own release needed remote code):
   ordinary words and are pooled too (no stock module can drop them and fix the count): the export
   warns, and vectors differ from ``dewey_lab.encode``'s.
 * ``cls_mean``: Pooling(cls, mean) concatenated, then a Dense whose weight is ``0.5 [W, W]``, so the
-  head sees ``0.5 (cls + mean)``. Stock mean includes CLS and SEP here (WordWeights would zero the
-  CLS state too): close, not exact; the export warns.
+  head sees ``0.5 (cls + mean)`` (k modes: ``[W, ..., W] / k``). Stock mean includes CLS and SEP here
+  (WordWeights would zero the CLS state too): close, not exact; the export warns.
+* ``last``: Pooling(lasttoken); exact unless the tokenizer has an EOS that dewey_lab appends and
+  sentence-transformers does not.
+
+Whether an export is exact is measured, not assumed: the saved model and dewey_lab encode a few probe
+texts (queries and documents, with their prompts), and ``exact_in_sentence_transformers`` in
+``dewey_lab.json`` says whether they agree to 1e-5; a new head needs no rule here.
 * Dense: the student's projection to the teacher's space (absent when it was the identity);
   Normalize: unit vectors, as dewey_lab scores them.
 
@@ -35,32 +46,48 @@ from pathlib import Path
 import torch
 import yaml
 
+from dewey_lab.model.pooling import PoolingHead
+
 log = logging.getLogger(__name__)
 
-EXACT = {"cls": True, "mean": True, "cls_mean": False}
+
+def exportable() -> list[str]:
+    """Names of the pooling heads sentence-transformers' stock modules can express."""
+    return [n for n, head in PoolingHead.choices().items() if head().sentence_transformers_modes()]
 
 
-def export(ckpt: str, out: str, *, pooling: str = "cls", query_prompt: str = "", passage_prompt: str = "",
+def export(ckpt: str, out: str, *, pooling: str | None = None, query_prompt: str = "", passage_prompt: str = "",
            max_length: int | None = None, eval_results: str | None = None, push_to_hub: str | None = None):
-    """Write ``out`` and return the reloaded ``SentenceTransformer`` (what a user gets)."""
+    """Write ``out`` and return the reloaded ``SentenceTransformer`` (what a user gets). ``pooling``: a head's
+    name; None: the checkpoint's trained whole-text head."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer, WordWeights
 
+    from dewey_lab.eval.embedder import Embedder
     from dewey_lab.eval.load import load_checkpoint
     from dewey_lab.model.student import load_tokenizer
 
-    if pooling not in EXACT:
-        raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(EXACT)}")
+    if pooling is not None and pooling not in PoolingHead.choices():
+        raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(exportable())}")
     module = load_checkpoint(ckpt)
-    tokenizer = load_tokenizer(module.spec.tokenizer_name)
     student = module.student
+    head = PoolingHead.pick(pooling, module.whole_pooling, student.config.hidden_size)
+    name, modes = head.name or type(head).__name__, head.sentence_transformers_modes()
+    if not modes:
+        raise ValueError(f"pooling {name!r} has no sentence-transformers equivalent (no stock module computes it); "
+                         f"use the checkpoint itself (dewey-lab eval, dewey_lab.encode.load) or export another head "
+                         f"with --pooling {' / '.join(exportable())}")
+    tokenizer = load_tokenizer(module.spec.tokenizer_name)
     max_length = max_length or student.config.max_position_embeddings
-    if (query_prompt or passage_prompt) and pooling == "mean":
+    explained = False  # the known reasons a stock module differs from ours, said before the measurement
+    if (query_prompt or passage_prompt) and modes == ("mean",):
+        explained = True
         log.warning("export: sentence-transformers pools the prompt's tokens too with mean pooling; its "
                     "vectors will differ from dewey_lab.encode's (use --pooling cls for an exact export)")
-    if pooling == "cls_mean":
-        log.warning("export: cls_mean's mean includes CLS and SEP in sentence-transformers; vectors are "
-                    "close to, not equal to, dewey_lab.encode's (cls and mean export exactly)")
+    if "mean" in modes and len(modes) > 1:
+        explained = True
+        log.warning("export: %s's mean includes CLS and SEP in sentence-transformers; vectors are "
+                    "close to, not equal to, dewey_lab.encode's (cls and mean export exactly)", name)
 
     out_dir = Path(out)
     with tempfile.TemporaryDirectory() as tmp:  # the HF model dir the Transformer module loads from
@@ -68,28 +95,48 @@ def export(ckpt: str, out: str, *, pooling: str = "cls", query_prompt: str = "",
         tokenizer.save_pretrained(tmp)
         modules = [Transformer(tmp, max_seq_length=max_length)]
     hidden = student.config.hidden_size
-    if pooling == "mean":
+    if modes == ("mean",):  # ours averages text tokens only: the added tokens weigh 0
         # the tokens the tokenizer adds around a text (not UNK or MASK, which stand inside it)
         special = {tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.cls_token, tokenizer.sep_token,
                                                                  tokenizer.pad_token, tokenizer.bos_token,
                                                                  tokenizer.eos_token) if t is not None}
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         modules.append(WordWeights(vocab, {tok: 0.0 for i, tok in enumerate(vocab) if i in special}, 1.0))
-    modes = {"cls": "cls", "mean": "mean", "cls_mean": ("cls", "mean")}[pooling]
-    modules.append(Pooling(hidden, pooling_mode=modes, include_prompt=True))
-    head = _dense(module.projection, hidden, halves=pooling == "cls_mean")
-    if head is not None:
-        modules.append(head)
+    modules.append(Pooling(hidden, pooling_mode=modes[0] if len(modes) == 1 else modes, include_prompt=True))
+    dense = _dense(module.projection, hidden, parts=len(modes))
+    if dense is not None:
+        modules.append(dense)
     modules.append(Normalize())
     model = SentenceTransformer(modules=modules, device="cpu",
                                 prompts={"query": query_prompt, "document": passage_prompt})
     model.save(str(out_dir))
-    _write_dewey_config(out_dir, ckpt, pooling, query_prompt, passage_prompt, max_length)
-    (out_dir / "README.md").write_text(model_card(ckpt, out_dir.name, pooling, query_prompt, passage_prompt,
+    reloaded = SentenceTransformer(str(out_dir), device="cpu")
+    ours = Embedder(student, tokenizer, head=module.projection, pooling=head, max_length=max_length,
+                    query_prompt=query_prompt, passage_prompt=passage_prompt, device="cpu")
+    gap = probe_gap(reloaded, ours)
+    if gap > EXACT_TOL and not explained:
+        log.warning("export: sentence-transformers' Pooling %s differs from dewey_lab's %s head by up to %.2g on "
+                    "probe texts; dewey_lab.json records exact_in_sentence_transformers: false", "+".join(modes), name, gap)
+    _write_dewey_config(out_dir, ckpt, name, gap <= EXACT_TOL, query_prompt, passage_prompt, max_length)
+    (out_dir / "README.md").write_text(model_card(ckpt, out_dir.name, name, query_prompt, passage_prompt,
                                                   max_length, eval_results))
     if push_to_hub:
         upload(out_dir, push_to_hub)
-    return SentenceTransformer(str(out_dir), device="cpu")
+    return reloaded
+
+
+EXACT_TOL = 1e-5
+PROBES = ("What is the pass key for Ana Lee?", "The grass is green. The sky is blue. " * 12 + "Ana Lee's pass key is 52817.")
+
+
+@torch.no_grad()
+def probe_gap(st_model, embedder) -> float:
+    """Largest difference between an export and dewey_lab on the probe texts, as queries and as documents."""
+    st_q = torch.as_tensor(st_model.encode(list(PROBES), prompt_name="query"))
+    st_d = torch.as_tensor(st_model.encode(list(PROBES), prompt_name="document"))
+    ours_q = embedder.encode_queries(PROBES)
+    ours_d = embedder.encode_passages(PROBES, chunks=False).single
+    return max(float((st_q - ours_q).abs().max()), float((st_d - ours_d).abs().max()))
 
 
 def upload(folder: Path, repo_id: str) -> None:
@@ -103,27 +150,27 @@ def upload(folder: Path, repo_id: str) -> None:
     log.info("export: uploaded %s to https://huggingface.co/%s", folder, repo_id)
 
 
-def _dense(projection, hidden: int, halves: bool):
-    """The projection as a stock Dense module (identity activation); None when there is none."""
+def _dense(projection, hidden: int, parts: int = 1):
+    """The projection as a stock Dense module (identity activation) over ``parts`` concatenated pooling
+    modes, which it averages; None when there is neither a projection nor anything to average."""
     from sentence_transformers.models import Dense
 
     if not isinstance(projection, torch.nn.Linear):
-        if not halves:
+        if parts == 1:
             return None
         eye = torch.eye(hidden)  # cls_mean without a projection still needs 0.5 (cls + mean)
-        return Dense(2 * hidden, hidden, activation_function=torch.nn.Identity(),
-                     init_weight=0.5 * torch.cat([eye, eye], 1), init_bias=torch.zeros(hidden))
+        return Dense(parts * hidden, hidden, activation_function=torch.nn.Identity(),
+                     init_weight=(1.0 / parts) * torch.cat([eye] * parts, 1), init_bias=torch.zeros(hidden))
     w, b = projection.weight.detach().float(), projection.bias.detach().float()
-    if halves:  # W (cls + mean) / 2 + b over the concatenation [cls, mean]
-        w = 0.5 * torch.cat([w, w], 1)
+    if parts > 1:  # W (cls + mean) / 2 + b over the concatenation [cls, mean]
+        w = (1.0 / parts) * torch.cat([w] * parts, 1)
     return Dense(w.shape[1], w.shape[0], activation_function=torch.nn.Identity(), init_weight=w.clone(),
                  init_bias=b.clone())
 
 
-def _write_dewey_config(out: Path, ckpt, pooling, query_prompt, passage_prompt, max_length) -> None:
+def _write_dewey_config(out: Path, ckpt, pooling, exact, query_prompt, passage_prompt, max_length) -> None:
     """What dewey_lab needs to reproduce the vectors (and what produced them), next to ST's configs."""
-    record = {"pooling": pooling, "exact_in_sentence_transformers": EXACT[pooling] and not
-              (pooling == "mean" and (query_prompt or passage_prompt)),
+    record = {"pooling": pooling, "exact_in_sentence_transformers": exact,
               "query_prompt": query_prompt, "passage_prompt": passage_prompt, "max_length": max_length,
               "checkpoint": str(ckpt)}
     (out / "dewey_lab.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -161,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dewey-lab export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a DistillModule checkpoint from dewey-lab fit")
     p.add_argument("--out", required=True, help="directory to write (SentenceTransformer(out) loads it)")
-    p.add_argument("--pooling", default="cls", choices=list(EXACT),
-                   help="whole-text embedding: cls (Dewey), mean (Dewey's long-text choice) or cls_mean")
+    p.add_argument("--pooling", default=None,
+                   help=f"whole-text embedding: {', '.join(exportable())} (default: the head the checkpoint "
+                        "trained; one sentence-transformers cannot express, such as attention, is refused)")
     p.add_argument("--query-prompt", "--query_prompt", default="", dest="query_prompt")
     p.add_argument("--passage-prompt", "--passage_prompt", default="", dest="passage_prompt")
     p.add_argument("--max-length", "--max_length", type=int, default=None, dest="max_length",

@@ -36,7 +36,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def small_corpus_path(tmp_path_factory):
     """A ten-module pydoc corpus as jsonl, built once."""
-    from dewey_lab.data.corpus import PydocCorpus
+    from dewey_lab.data.pydoc import PydocCorpus
 
     path = tmp_path_factory.mktemp("corpus") / "pydoc_small.jsonl"
     list(PydocCorpus(cache_path=str(path), modules=SMALL_MODULES).documents())

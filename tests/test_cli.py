@@ -19,8 +19,8 @@ def _small(tmp_path, corpus_path, cache_dir, **overrides):
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}},
                     "default_root_dir": str(tmp_path / "runs")},
         "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus_path)}},
-                 "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": 2, "batch_size": 4,
-                 "val_fraction": 0.3},
+                 "cache": {"dir": str(cache_dir)}, "batching": {"batch_size": 4},
+                 "windows": {"max_length": 96, "max_windows_per_doc": 2, "val_fraction": 0.3}},
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                          "num_attention_heads": 2}}},
     }
@@ -95,10 +95,10 @@ def test_the_readme_stacks_parse(stack, capsys):
         main(["fit", *files, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["trainer"]["num_nodes"] == 4 and printed["data"]["batch_size"] == 64
+    assert printed["trainer"]["num_nodes"] == 4 and printed["data"]["batching"]["batch_size"] == 64
     assert printed["trainer"]["use_distributed_sampler"] is False
     if "dewey_streaming" in stack:
-        assert printed["data"]["streaming"] is True and printed["trainer"]["max_steps"] == 312500
+        assert printed["data"]["stream"]["enabled"] is True and printed["trainer"]["max_steps"] == 312500
 
 
 def _training_variants():
@@ -187,18 +187,28 @@ def test_teacher_dim_differs_without_projection(tmp_path, small_corpus_path, sha
 
 def test_wrong_type_names_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data:\n  batch_size: many\n")
-    assert "data.batch_size" in _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])
+    bad.write_text("data:\n  batching: {batch_size: many}\n")
+    assert "data.batching.batch_size" in _error_line(capsys, ["fit", "-c", TINY, "-c", str(bad)])
 
 
 def test_passkey_callback_logs_scalars_and_heatmap_then_eval_reads_the_checkpoint(
         tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
+    """The whole-text head is set once (an attention head, which has weights): it trains, the passkey check
+    scores it, the checkpoint records it, and dewey-lab eval pools with it without --pooling."""
+    from dewey_lab.callbacks import PasskeyCallback
+    from dewey_lab.runs.checkpoint import peek_checkpoint
+
     monkeypatch.chdir(tmp_path)
+    scored = []
+    monkeypatch.setattr(PasskeyCallback, "embedder", lambda self, m, _f=PasskeyCallback.embedder: scored.append(
+        _f(self, m)) or scored[-1])
     callback = {"class_path": "dewey_lab.callbacks.PasskeyCallback",
                 "init_args": {"every_n_steps": 1, "lengths": [96, 160], "n_queries": 3, "n_docs": 6,
                               "haystack": str(small_corpus_path)}}
+    attention = {"class_path": "dewey_lab.model.pooling.AttentionPooling"}
     main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir,
-                                            **{"trainer.callbacks": [callback]})])
+                                            **{"trainer.callbacks": [callback], "model.whole_pooling": attention})])
+    assert {e.pooling for e in scored} == {"attention"}  # the callback's default: the head being trained
     tags = {"scalars": set(), "images": set()}
     for e in (tmp_path / "runs" / "small").rglob("events.out.tfevents*"):
         acc = EventAccumulator(str(e), size_guidance={"images": 0})
@@ -213,10 +223,14 @@ def test_passkey_callback_logs_scalars_and_heatmap_then_eval_reads_the_checkpoin
     assert sorted(set(steps)) == [0, 1, 2]  # before training, every step, and no repeat at the end
 
     ckpt = max((tmp_path / "runs" / "small").rglob("*.ckpt"))
+    saved = peek_checkpoint(ckpt)
+    assert saved["dewey_heads"]["whole_pooling"] == {"class_path": attention["class_path"], "init_args": {"hidden_size": 32}}
+    assert saved["state_dict"]["whole_pooling.query"].abs().max() > 0  # trained: it started at zero (the mean)
     main(["eval", "--model", str(ckpt), "--tasks", "passkey", "--lengths", "96", "--n_queries", "3", "--n_docs", "6",
           "--mode", "both", "--out_dir", str(tmp_path / "results"), "--cache_dir", "", "--progress", "false"])
     result = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
     assert [(r["length"], r["mode"]) for r in result["rows"]] == [(96, "single"), (96, "multi")]
+    assert result["settings"]["pooling"] == "attention"  # no --pooling: the trained head
     assert result["settings"]["window"] == 8192  # the student's RoPE window, not the tokenizer's 512
 
 
@@ -268,12 +282,12 @@ def test_packed_fit_follows_the_padded_loss_curve(tmp_path, small_corpus_path, s
     spread.write_text("".join(json.dumps({"id": f"{d['id']}-{n}", "text": d["text"][:n]}) + "\n"
                               for d in docs for n in (100, 400, 2000)))
     curves = {}
-    for name, extra in (("padded", {}), ("packed", {"data.pack": True, "model.compile": "eager"})):
+    for name, extra in (("padded", {}), ("packed", {"data.batching.pack": True, "model.compile": "eager"})):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
         small = _small(tmp_path / name, spread, shared_cache_dir,
-                       **{"trainer.max_steps": 3, "trainer.callbacks": [], "data.overflow": "truncate",
-                          "data.max_length": 384, **extra})
+                       **{"trainer.max_steps": 3, "trainer.callbacks": [], "data.windows.overflow": "truncate",
+                          "data.windows.max_length": 384, **extra})
         main(["fit", "-c", TINY, "-c", small])
         event = next((tmp_path / name / "runs" / "small").rglob("events.out.tfevents*"))
         curves[name] = [(e.step, e.value) for e in _scalars(event, "train/loss")]

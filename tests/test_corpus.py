@@ -1,4 +1,4 @@
-"""Tests for dewey_lab.data.corpus: offline, small inputs with hand-written expected answers."""
+"""Tests for dewey_lab.data.corpus and dewey_lab.data.pydoc: offline, small inputs, hand-written answers."""
 
 import os
 
@@ -22,10 +22,9 @@ from dewey_lab.data.corpus import (
     JsonlCorpus,
     MixtureCorpus,
     ParquetCorpus,
-    PydocCorpus,
     TextCorpus,
-    _clean_pydoc,
 )
+from dewey_lab.data.pydoc import PydocCorpus, _clean_pydoc, _path_substitutions
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -206,7 +205,7 @@ def test_hf_missing_datasets_names_the_extra(monkeypatch):
 
 # --- pydoc --------------------------------------------------------------------------------
 
-PYDOC_MODULES = ["colorsys", "keyword", "shutil", "no_such_module_xyz"]
+PYDOC_MODULES = ["colorsys", "keyword", "shutil", "sys", "no_such_module_xyz"]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +218,7 @@ def pydoc_cache(tmp_path_factory) -> Path:
 def test_pydoc_builds_cache_with_clean_pages(pydoc_cache):
     assert sorted(p.name for p in pydoc_cache.parent.iterdir()) == ["pydoc.jsonl"]  # no tmp leftovers
     docs = list(PydocCorpus(str(pydoc_cache), modules=PYDOC_MODULES).documents())
-    assert [d.doc_id for d in docs] == ["colorsys", "keyword", "shutil"]  # unimportable one skipped
+    assert [d.doc_id for d in docs] == ["colorsys", "keyword", "shutil", "sys"]  # unimportable one skipped
     colorsys = docs[0].text
     assert colorsys.startswith(
         "Python Library Documentation: module colorsys\n\nNAME\n    colorsys - Conversion functions"
@@ -229,6 +228,13 @@ def test_pydoc_builds_cache_with_clean_pages(pydoc_cache):
         assert "\nFILE\n" not in doc.text and " at 0x" not in doc.text
         assert str(Path(sys.base_prefix)) not in doc.text and str(Path(sys.prefix)) not in doc.text
     assert "copy_function=<function copy2>" in docs[2].text  # address stripped from the default repr
+    # the page of sys shows sys.argv: the renderer's path, under the repository root, pinned where it first lived
+    assert "\n    argv = ['<project>/dewey_lab/corpus.py']\n" in docs[3].text
+
+
+def test_project_is_the_repository_root():
+    root = str(Path(__file__).resolve().parents[1])  # tests/ sits in the repository root
+    assert (root, "<project>") in _path_substitutions()
 
 
 def test_pydoc_second_read_uses_cache_and_is_identical(pydoc_cache, monkeypatch):

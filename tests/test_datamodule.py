@@ -1,12 +1,19 @@
 """The data module: windows, chunks, teacher fill through the cache, batches."""
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
 from dewey_lab.data.corpus import JsonlCorpus
-from dewey_lab.data.datamodule import DistillDataModule, example_keys
+from dewey_lab.data.datamodule import DistillDataModule
+from dewey_lab.data.fill import CacheConfig
+from dewey_lab.data.packing import BatchConfig
+from dewey_lab.data.store.vectors import cache_key
+from dewey_lab.data.streaming import StreamConfig
 from dewey_lab.data.teacher import SentenceTransformerTeacher, Teacher
+from dewey_lab.data.windows import WindowConfig
 
 
 class CountingTeacher(Teacher):
@@ -29,11 +36,25 @@ class CountingTeacher(Teacher):
         return out
 
 
+GROUPS = {"windows": WindowConfig, "batching": BatchConfig, "cache": CacheConfig, "stream": StreamConfig}
+
+
+def config_groups(**flat) -> dict:
+    """A test shorthand: fields by their own names (``max_length=96``, ``batch_size=4``, ``dir=...``) ->
+    DistillDataModule's argument groups (``windows=WindowConfig(max_length=96)``, ...)."""
+    values = {name: {} for name in GROUPS}
+    for key, value in flat.items():
+        owners = [name for name, cls in GROUPS.items() if key in {f.name for f in fields(cls)}]
+        assert len(owners) == 1, f"{key} is a field of {owners or 'no group'}"
+        values[owners[0]][key] = value
+    return {name: cls(**values[name]) for name, cls in GROUPS.items()}
+
+
 def _dm(corpus_path, cache_dir, teacher=None, **kw):
     args = {"max_length": 128, "overflow": "split", "max_windows_per_doc": 3, "val_fraction": 0.2, "batch_size": 4}
     args.update(kw)
     return DistillDataModule(corpus=JsonlCorpus(str(corpus_path)), teacher=teacher or CountingTeacher(),
-                             cache_dir=str(cache_dir), **args)
+                             **config_groups(dir=str(cache_dir), **args))
 
 
 def test_fill_then_all_hits_and_the_teacher_is_not_called_again(small_corpus_path, tmp_path):
@@ -88,18 +109,18 @@ def test_chunk_targets_match_the_chunk_text(small_corpus_path, tmp_path):
     s, e = ex.chunks[0]
     np.testing.assert_allclose(item["t_chunk"][0], teacher.encode([ex.text[s:e]])[0], rtol=1e-6)
     np.testing.assert_allclose(item["t_whole"], teacher.encode([ex.text])[0], rtol=1e-6)
-    _whole, chunks = example_keys(teacher.fingerprint, ex)
-    assert len(chunks) == len(ex.chunks)
+    assert ex.keys == [cache_key(teacher.fingerprint, t) for t in [ex.text] + [ex.text[s:e] for s, e in ex.chunks]]
+    assert len(item["t_chunk"]) == len(ex.chunks) == len(item["spans"])
 
 
-def test_windows_and_held_out_documents(small_corpus_path, tmp_path, tokenizer):
+def test_windows_and_held_out_documents(small_corpus_path, tmp_path):
     dm = _dm(small_corpus_path, tmp_path, max_windows_per_doc=None)
     ex = dm.examples()
     train_docs = {e.doc_id for e in ex["train"]}
     val_docs = {e.doc_id for e in ex["val"]}
     assert train_docs and val_docs and not (train_docs & val_docs)  # held out by document
     for e in ex["train"] + ex["val"]:
-        assert len(tokenizer(e.text)["input_ids"]) <= 128 + 2  # a window fits (re-tokenised at a word cut)
+        assert len(e.input_ids) <= 128  # a window fits, as the student reads it
     truncated = _dm(small_corpus_path, tmp_path, overflow="truncate").examples()
     assert len({e.doc_id for e in truncated["train"]}) == len(truncated["train"])  # one window per document
     assert len(ex["train"]) > len(truncated["train"])
@@ -117,14 +138,14 @@ def test_teacher_means_are_the_training_mean(small_corpus_path, tmp_path):
 def test_empty_documents_are_skipped_and_counted(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "hello there general kenobi"}\n{"text": "  \\n "}\n{"text": ""}\n')
-    dm = DistillDataModule(corpus=JsonlCorpus(str(path)), teacher=CountingTeacher(), cache_dir=str(tmp_path / "c"),
-                           val_fraction=0.0, max_length=64)
+    dm = DistillDataModule(corpus=JsonlCorpus(str(path)), teacher=CountingTeacher(), cache=CacheConfig(str(tmp_path / "c")),
+                           windows=WindowConfig(val_fraction=0.0, max_length=64))
     assert len(dm.examples()["train"]) == 1 and dm.corpus.skipped_empty == 2
 
 
 def test_missing_corpus_path_names_the_fix(tmp_path):
     dm = DistillDataModule(corpus=JsonlCorpus(str(tmp_path / "nope.jsonl")), teacher=CountingTeacher(),
-                           cache_dir=str(tmp_path / "c"))
+                           cache=CacheConfig(str(tmp_path / "c")))
     with pytest.raises(FileNotFoundError, match="does not exist; .*path"):
         dm.prepare_data()
 
@@ -140,3 +161,12 @@ def test_teacher_token_budget_batches_give_the_same_vectors():
                for t in texts]
     assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 64 for g in groups)
     np.testing.assert_allclose(budget.encode(texts), fixed.encode(texts), atol=1e-5)
+
+
+def test_every_data_argument_is_documented_for_help():
+    """``dewey-lab fit --help`` shows the docstring under each field of the argument groups."""
+    from docstring_parser import parse_from_object
+
+    for cls in GROUPS.values():
+        documented = {p.arg_name for p in parse_from_object(cls).params if p.description}
+        assert documented == {f.name for f in fields(cls)}, cls.__name__

@@ -26,7 +26,7 @@ def test_balance_splits_by_tokens_and_feeds_every_rank():
     assert sorted(loads) == [140, 170]  # LPT: 100 | 90 + 80, then the short ones to the lighter rank
     assert max(loads) <= 4 / 3 * sum(lengths) / 2  # LPT's bound against the perfect split
     assert all(balance([1, 1, 1000], 3))  # every rank gets a text, however long the others
-    with pytest.raises(ValueError, match="global batch|data.batch_size"):
+    with pytest.raises(ValueError, match="global batch|data.batching.batch_size"):
         balance([5], 2)
 
 
@@ -40,8 +40,8 @@ def _run_config(run: Path, corpus: Path, cache_dir: Path, devices: int, strategy
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(run / "runs"), "name": "run"}}},
         "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
-                 "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": 3,
-                 "batch_size": batch_size, "val_fraction": 0.2},  # texts per step, over all ranks
+                 "cache": {"dir": str(cache_dir)}, "windows": {"max_length": 96, "max_windows_per_doc": 3, "val_fraction": 0.2},
+                 "batching": {"batch_size": batch_size}},  # texts per step, over all ranks
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                          "num_attention_heads": 2}}, "warmup_steps": 2},
         **sections,
@@ -189,7 +189,7 @@ def test_two_process_fit_killed_resumes_onto_the_uninterrupted_loss_curve(kind, 
 
 
 def test_two_fill_jobs_share_one_cache_without_embedding_a_text_twice(small_corpus_path, tmp_path):
-    """``dewey-lab fill --data.fill_shard k/2`` twice at once: disjoint work, one consistent cache."""
+    """``dewey-lab fill --data.cache.fill_shard k/2`` twice at once: disjoint work, one consistent cache."""
     from faults import vectors_of
 
     from dewey_lab.data.store.vectors import cache_key
@@ -201,9 +201,9 @@ def test_two_fill_jobs_share_one_cache_without_embedding_a_text_twice(small_corp
         cfg.write_text(yaml.safe_dump({"data": {
             "corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
             "teacher": {"class_path": "faults.LoggingTeacher", "init_args": {"log": str(tmp_path / f"log{k}")}},
-            "cache_dir": str(cache_dir), "max_length": 96, "max_windows_per_doc": None, "fill_block": 32}}))
+            "cache": {"dir": str(cache_dir), "fill_block": 32}, "windows": {"max_length": 96, "max_windows_per_doc": None}}}))
         procs.append(subprocess.Popen([sys.executable, "-m", "dewey_lab.cli", "fill", "-c", TINY, "-c", str(cfg),
-                                       "--data.fill_shard", f"{k}/2"], env=ENV, cwd=tmp_path,
+                                       "--data.cache.fill_shard", f"{k}/2"], env=ENV, cwd=tmp_path,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]

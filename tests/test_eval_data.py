@@ -1,4 +1,4 @@
-"""Tests for dewey_lab.eval.tasks.longembed: the stand-in benchmark files under tests/data, read offline.
+"""Tests for dewey_lab.eval.tasks.longembed and .loco: the stand-in benchmark files under tests/data, offline.
 
 The hub path is exercised with a fake ``datasets.load_dataset`` that serves the same stand-in rows,
 so it runs the same row -> task conversion as the local path without any network.
@@ -19,14 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dewey_lab.eval.tasks.longembed import (
-    LOCO_SUBSETS,
-    LONGEMBED_REPO,
-    LONGEMBED_REVISION,
-    MTEB_NAMES,
-    load_loco,
-    load_longembed,
-)
+from dewey_lab.eval.tasks.loco import LOCO_SUBSETS, load_loco
+from dewey_lab.eval.tasks.longembed import LONGEMBED_REPO, LONGEMBED_REVISION, MTEB_NAMES, load_longembed
 from dewey_lab.eval.tasks.task import RetrievalTask
 
 DATA = Path(__file__).parent / "data"

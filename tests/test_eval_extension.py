@@ -16,10 +16,9 @@ from dewey_lab.eval.extension.methods import (
     RecurrentPositions,
     SelfExtend,
     YaRN,
-    _scaled_attention,
     parse_extension,
-    scaled_attention,
 )
+from dewey_lab.eval.extension.scaling import _scaled_attention, scaled_attention
 from dewey_lab.eval.extension.self_extend import relative_positions, self_extend_logits
 from dewey_lab.eval.load import extend
 from dewey_lab.model.student import StudentConfig, build_student

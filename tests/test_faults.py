@@ -16,8 +16,10 @@ import pytest
 from faults import ENV, KILLABLE, fit_here, loss_curve, run_fit, vectors_of, write_yaml
 
 from dewey_lab.data.corpus import JsonlCorpus
-from dewey_lab.data.datamodule import DistillDataModule, example_keys
+from dewey_lab.data.datamodule import DistillDataModule
+from dewey_lab.data.fill import CacheConfig
 from dewey_lab.data.store.vectors import VectorStore
+from dewey_lab.data.windows import WindowConfig
 
 pytestmark = pytest.mark.fault
 
@@ -26,9 +28,11 @@ import sys
 from faults import LoggingTeacher
 from dewey_lab.data.corpus import JsonlCorpus
 from dewey_lab.data.datamodule import DistillDataModule
+from dewey_lab.data.fill import CacheConfig
+from dewey_lab.data.windows import WindowConfig
 corpus, cache, log = sys.argv[1:4]
-DistillDataModule(corpus=JsonlCorpus(corpus), teacher=LoggingTeacher(log), cache_dir=cache, max_length=96,
-                  overflow="split", val_fraction=0.2, fill_block=16).prepare_data()
+DistillDataModule(corpus=JsonlCorpus(corpus), teacher=LoggingTeacher(log), cache=CacheConfig(cache, fill_block=16),
+                  windows=WindowConfig(max_length=96, overflow="split", val_fraction=0.2)).prepare_data()
 """
 
 
@@ -36,14 +40,13 @@ def _fill_texts(corpus, cache_dir) -> dict[bytes, str]:
     """Every text the fill must embed, by cache key (the data module's own view)."""
     from faults import LoggingTeacher
 
-    dm = DistillDataModule(corpus=JsonlCorpus(str(corpus)), teacher=LoggingTeacher(os.devnull), cache_dir=str(cache_dir),
-                           max_length=96, overflow="split", val_fraction=0.2, fill_block=16)
+    dm = DistillDataModule(corpus=JsonlCorpus(str(corpus)), teacher=LoggingTeacher(os.devnull),
+                           cache=CacheConfig(str(cache_dir), fill_block=16),
+                           windows=WindowConfig(max_length=96, overflow="split", val_fraction=0.2))
     out = {}
     for split in ("train", "val"):
         for ex in dm.examples()[split]:
-            whole, chunks = example_keys(dm.teacher.fingerprint, ex)
-            out[whole] = ex.text
-            out.update(zip(chunks, (ex.text[s:e] for s, e in ex.chunks)))
+            out.update(zip(ex.keys, ex.teacher_texts()))
     return out
 
 
@@ -95,8 +98,8 @@ def test_fit_killed_three_times_resumes_onto_the_uninterrupted_loss_curve(small_
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "callbacks": []},
         "checkpoint": {"every_n_train_steps": 2},
         "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(small_corpus_path)}},
-                 "cache_dir": str(shared_cache_dir), "max_length": 96, "max_windows_per_doc": 2, "batch_size": 4,
-                 "val_fraction": 0.3},
+                 "cache": {"dir": str(shared_cache_dir)}, "batching": {"batch_size": 4},
+                 "windows": {"max_length": 96, "max_windows_per_doc": 2, "val_fraction": 0.3}},
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                          "num_attention_heads": 2}}, "warmup_steps": 3},
     }

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from dewey_lab.data.datamodule import collate
+from dewey_lab.data.items import collate
 from dewey_lab.model import attention
 from dewey_lab.model.module import DistillModule
 from dewey_lab.model.student import StudentConfig

@@ -1,8 +1,8 @@
 """Hostile inputs: each gets one line that names the fix, or a documented recovery, and loses nothing.
 
 Elsewhere: empty and whitespace-only documents (test_datamodule, test_corpus), a teacher whose
-dimension differs from the cache's (test_teacher_cache, test_cli), a read-only or full cache
-directory (test_teacher_cache), torn checkpoints (test_guards)."""
+dimension differs from the cache's (test_store, test_cli), a read-only or full cache
+directory (test_store), torn checkpoints (test_guards)."""
 
 import gzip
 import json
@@ -11,16 +11,17 @@ import pytest
 
 from dewey_lab.cli import REPO, main
 from dewey_lab.data.corpus import JsonlCorpus
-from dewey_lab.data.datamodule import DistillDataModule, collate
-from tests.test_datamodule import CountingTeacher
+from dewey_lab.data.datamodule import DistillDataModule
+from dewey_lab.data.items import collate
+from tests.test_datamodule import CountingTeacher, config_groups
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
 
 
 def _dm(path, cache, **kw):
     args = {"max_length": 64, "overflow": "truncate", "val_fraction": 0.0, "batch_size": 4}
-    return DistillDataModule(corpus=JsonlCorpus(str(path)), teacher=CountingTeacher(), cache_dir=str(cache),
-                             **{**args, **kw})
+    return DistillDataModule(corpus=JsonlCorpus(str(path)), teacher=CountingTeacher(),
+                             **config_groups(dir=str(cache), **{**args, **kw}))
 
 
 def test_a_corpus_of_bad_records_trains_on_what_is_readable(tmp_path, caplog):
@@ -86,7 +87,7 @@ def test_a_ten_million_character_document_reads_only_what_it_uses(tmp_path, toke
 
 
 @pytest.mark.parametrize(("yaml_text", "expected"), [
-    ("data:\n  batch_sise: 4\n", "unknown key data.batch_sise; did you mean data.batch_size?"),
+    ("data:\n  max_length: 4\n", "unknown key data.max_length; did you mean data.windows.max_length?"),  # a moved key
     ("model:\n  lr: fast\n", 'Parser key "model.lr": Expected a <class \'float\'>. Got value: fast'),
     ("data:\n  corpus:\n    class_path: dewey_lab.data.corpus.JsonlCorpus\n    init_args: {text_field: body}\n",
      "data.corpus: dewey_lab.data.corpus.JsonlCorpus needs path; set data.corpus.init_args.path"),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from dewey_lab.data.datamodule import collate
+from dewey_lab.data.items import collate
 from dewey_lab.data.packing import TokenBudgetBatchSampler, first_fit_decreasing
 from dewey_lab.model import attention
 from dewey_lab.model.module import DistillModule
@@ -143,7 +143,7 @@ def test_packed_attention_needs_a_mask_or_varlen_backend(small_corpus_path, coun
                                                             "num_hidden_layers": 1, "num_attention_heads": 2})
     module = DistillModule(student=spec, teacher_dim=12)
     module.student.config._attn_implementation = "flex_attention"
-    with pytest.raises(ValueError, match="data.pack: false"):
+    with pytest.raises(ValueError, match="pack: false"):
         attention.forward_rows(module.student, batch)
 
 

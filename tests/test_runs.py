@@ -21,8 +21,8 @@ def _scale(path, corpus, cache, *, max_length=96, save_dir=None, **trainer):
                        "num_sanity_val_steps": 0, "enable_progress_bar": False,
                        "callbacks": [{"class_path": "faults.RaiseAt"}], **trainer},
            "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
-                    "cache_dir": str(cache), "max_length": max_length, "max_windows_per_doc": 2, "batch_size": 4,
-                    "val_fraction": 0.3},
+                    "cache": {"dir": str(cache)}, "batching": {"batch_size": 4},
+                    "windows": {"max_length": max_length, "max_windows_per_doc": 2, "val_fraction": 0.3}},
            "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                             "num_attention_heads": 2}}}}
     if save_dir is not None:
@@ -38,13 +38,14 @@ def _info(run_dir):
 def test_identity_leaves_out_only_bookkeeping_and_names_what_differs(tmp_path):
     config = {"seed_everything": 0, "config": ["a.yaml"], "ckpt_path": "last",
               "trainer": {"max_steps": 10, "logger": {"init_args": {"save_dir": "runs", "version": "v", "name": "x"}}},
-              "model": {"lr": 0.001, "student": {"tokenizer": None}}, "data": {"cache_dir": "/c", "max_length": 96}}
+              "model": {"lr": 0.001, "student": {"tokenizer": None}},
+              "data": {"cache": {"dir": "/c"}, "windows": {"max_length": 96}}}
     flat = flat_config(config)
-    assert flat == {"seed_everything": 0, "trainer.max_steps": 10, "model.lr": 0.001, "data.max_length": 96}
+    assert flat == {"seed_everything": 0, "trainer.max_steps": 10, "model.lr": 0.001, "data.windows.max_length": 96}
     moved = json.loads(json.dumps(config))
     moved["trainer"]["logger"]["init_args"].update(save_dir="elsewhere", version="w")
     moved.update(ckpt_path=None, config=["b.yaml", "a.yaml"])
-    moved["data"]["cache_dir"] = "/d"
+    moved["data"]["cache"]["dir"] = "/d"
     fp = {"corpus": "JsonlCorpus:1", "teacher": "t"}
     a = run_identity(config, fp, "tiny")
     assert run_identity(moved, fp, "dewey")["id"] == a["id"]  # where it writes, how it started: same run
@@ -83,7 +84,7 @@ def test_a_sweep_runs_each_scale_once_and_a_rerun_skips_it(save_dir, tmp_path, s
     infos = [_info(root / r) for r in runs]
     assert [i["identity"]["scale"] for i in infos] == ["tiny+a", "tiny+b"] and all(i["finished"] for i in infos)
     assert infos[0]["identity"]["id"] != infos[1]["identity"]["id"]
-    assert [i["identity"]["config"]["data.max_length"] for i in infos] == [96, 64]
+    assert [i["identity"]["config"]["data.windows.max_length"] for i in infos] == [96, 64]
     for s in ("a", "b"):
         main(["sweep", "-c", TINY, "-c", scales[s], "-c", str(study)])
         err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Streaming corpora (``data.streaming``): shards cover the corpus exactly once per epoch, batches
+"""Streaming corpora (``data.stream``): shards cover the corpus exactly once per epoch, batches
 resume exactly from a saved position (also through a killed and resumed ``fit``), texts the cache
 lacks are embedded as they come or named as an error, and ``dewey-lab fill`` fills a stream."""
 
@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from faults import KILLABLE, LoggingTeacher, fit_here, loss_curve, run_fit, write_yaml
-from test_datamodule import CountingTeacher
+from test_datamodule import CountingTeacher, config_groups
 
 from dewey_lab.data.corpus import JsonlCorpus, MixtureCorpus, TextCorpus
 from dewey_lab.data.datamodule import DistillDataModule
@@ -32,34 +32,36 @@ def many_docs(small_corpus_path, tmp_path_factory):
 
 
 def _dm(path, cache_dir, teacher=None, **kw) -> DistillDataModule:
+    """A streamed data module (``enabled=False``: the same data in memory); fields by their own names."""
     args = {"max_length": 64, "overflow": "split", "max_windows_per_doc": 2, "val_fraction": 0.1, "batch_size": 3,
-            "streaming": True, "stream_block": 8}
+            "enabled": True, "block": 8}
     args.update(kw)
     return DistillDataModule(corpus=JsonlCorpus(str(path)), teacher=teacher or CountingTeacher(),
-                             cache_dir=str(cache_dir), **args)
+                             **config_groups(dir=str(cache_dir), **args))
 
 
 def _stream(dm, rank=0, world_size=1, **kw) -> WindowStream:
-    args = {"batch_size": dm.batch_size, "batch_tokens": None, "packed": dm.pack, "block": dm.stream_block}
+    args = {"batch_size": dm.batching.batch_size, "batch_tokens": None, "packed": dm.batching.pack,
+            "block": dm.stream.block}
     args.update(kw)
-    return WindowStream(dm.corpus, dm.windower, dm.cache, dm.teacher.fingerprint, dm._collate, rank=rank,
-                        world_size=world_size, seed=dm.seed, **args)
+    return WindowStream(dm.corpus, dm.windower, dm.cache, dm._collate, rank=rank, world_size=world_size, seed=dm.seed,
+                        **args)
 
 
 def _windows(examples) -> collections.Counter:
-    return collections.Counter((e.doc_id, e.text) for e in examples)
+    return collections.Counter((e.doc_id, e.text, tuple(e.input_ids.tolist())) for e in examples)
 
 
 @pytest.fixture(scope="module")
 def filled(many_docs, tmp_path_factory):
     """A cache holding every text of the corpus (the in-memory path's fill)."""
     cache = tmp_path_factory.mktemp("stream_cache")
-    _dm(many_docs, cache, streaming=False).prepare_data()
+    _dm(many_docs, cache, enabled=False).prepare_data()
     return cache
 
 
 def test_the_shards_of_one_epoch_are_the_in_memory_training_set(many_docs, filled):
-    memory = _dm(many_docs, filled, streaming=False)
+    memory = _dm(many_docs, filled, enabled=False)
     expected = _windows(memory.examples()["train"])
     assert memory.duplicates_skipped == 1 and len(expected) > 100
     dm = _dm(many_docs, filled)
@@ -90,12 +92,9 @@ def test_a_shard_serves_each_window_once_per_epoch_and_carries_the_rest(many_doc
         served.update(ids)
         if after.epoch == 1:
             break
-    def ids(text):
-        return tuple(dm.windower.tokenizer(text, truncation=True, max_length=64)["input_ids"])
-
-    carried = [ids(t) for _, t, _, _ in after.carry]
+    carried = [tuple(ids) for _, _, ids, *_ in after.carry]  # Example.to_plain: [doc_id, text, input_ids, ...]
     assert (budget is None) == (len(carried) > 0)  # fixed batches carry their leftover into the next epoch
-    want = collections.Counter(ids(t) for _, t in epoch_windows.elements())
+    want = collections.Counter(ids for _, _, ids in epoch_windows.elements())
     assert served + collections.Counter(carried) == want
 
 
@@ -134,7 +133,7 @@ def test_a_stream_resumes_at_the_batch_after_the_last_one_consumed(many_docs, fi
     other = _dm(many_docs, filled, num_workers=workers + 3)
     other.load_state_dict(state)
     other.setup("fit")
-    with pytest.raises(ValueError, match="same devices x nodes and data.num_workers"):
+    with pytest.raises(ValueError, match="same devices x nodes and data.batching.num_workers"):
         other.train_dataloader()
 
 
@@ -151,7 +150,7 @@ def test_texts_the_cache_lacks_are_embedded_as_their_batch_arrives(many_docs, tm
     for batch in batches:  # what the cache now holds is what the batch carried
         assert batch["t_whole"].norm(dim=1).min() > 0.99 and batch["t_chunk"].norm(dim=1).min() > 0.99
 
-    strict = _dm(many_docs, tmp_path / "empty", stream_fill=False)
+    strict = _dm(many_docs, tmp_path / "empty", fill=False)
     strict.prepare_data()
     strict.setup("fit")
     with pytest.raises(RuntimeError, match="dewey-lab fill"):
@@ -166,7 +165,7 @@ def test_two_fill_jobs_fill_the_whole_stream_then_it_needs_no_teacher(many_docs,
             fill_block=16).fill_stream()
         logs.append([bytes.fromhex(x).decode() for x in log.read_text().split()])
     assert logs[0] and logs[1]
-    dm = _dm(many_docs, tmp_path / "cache", LoggingTeacher(str(tmp_path / "none"), delay=0), stream_fill=False)
+    dm = _dm(many_docs, tmp_path / "cache", LoggingTeacher(str(tmp_path / "none"), delay=0), fill=False)
     dm.prepare_data()
     dm.setup("fit")
     stream = _stream(dm)
@@ -204,8 +203,8 @@ def _fit_config(run: Path, corpus: Path, cache: Path, devices: int, steps: int) 
                                "init_args": {"save_dir": str(run / "runs"), "name": "run"}}},
         "checkpoint": {"every_n_train_steps": 2},
         "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
-                 "cache_dir": str(cache), "max_length": 64, "max_windows_per_doc": 2, "batch_size": 4,
-                 "val_fraction": 0.1, "streaming": True, "stream_block": 8, "num_workers": 1},
+                 "cache": {"dir": str(cache)}, "windows": {"max_length": 64, "max_windows_per_doc": 2, "val_fraction": 0.1},
+                 "batching": {"batch_size": 4, "num_workers": 1}, "stream": {"enabled": True, "block": 8}},
         "model": {"student": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                          "num_attention_heads": 2}}, "warmup_steps": 2},
     }
@@ -260,8 +259,8 @@ def test_a_stream_of_two_hf_datasets_in_their_own_formats(many_docs, tmp_path, m
 
     corpus = [HFCorpus("json", data_files=str(web), schema="text", streaming=True),
               HFCorpus("json", data_files=str(chat), schema="conversations", streaming=True)]
-    dm = DistillDataModule(corpus=corpus, teacher=CountingTeacher(), cache_dir=str(tmp_path / "cache"), max_length=64,
-                           batch_size=4, streaming=True, stream_block=16, val_fraction=0.1)
+    dm = DistillDataModule(corpus=corpus, teacher=CountingTeacher(), **config_groups(
+        dir=str(tmp_path / "cache"), max_length=64, batch_size=4, enabled=True, block=16, val_fraction=0.1))
     assert dm.corpus.interleave
     dm.prepare_data()
     dm.setup("fit")

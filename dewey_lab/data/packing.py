@@ -1,6 +1,6 @@
 """Batches by token count, and several documents per row.
 
-Two independent switches under ``data``:
+Two independent switches under ``data.batching`` (``BatchConfig``):
 
 * ``pack: true`` lays out a batch's texts as documents packed into rows (first-fit decreasing),
   instead of one text per row padded to the longest. Attention never crosses a document
@@ -12,7 +12,7 @@ Two independent switches under ``data``:
   length within pools when padded (little padding), in shuffled order when packed (packing leaves
   no padding to save). The number of texts per batch then varies.
 
-Both batch samplers make *global* batches (``data.batch_size`` texts, or ``data.batch_tokens``
+Both batch samplers make *global* batches (``data.batching.batch_size`` texts, or ``batch_tokens``
 tokens, per optimizer step over all ranks): under DDP each rank takes its share of every global
 batch, split by token count (``distributed.balance``), and the loss gathers the global batch back.
 """
@@ -21,10 +21,29 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, Sampler
 
 from dewey_lab.distributed import balance, world
+
+
+@dataclass
+class BatchConfig:
+    """How windows become batches; every field is a YAML key under ``data.batching``."""
+
+    batch_size: int = 64
+    """Texts per training step over all ranks (paper: 64)."""
+    batch_tokens: int | None = None
+    """Cut batches to this many tokens instead of ``batch_size`` texts (padded tokens when unpacked: texts
+    are then sorted by length within pools; real tokens when packed). None: fixed ``batch_size``."""
+    pack: bool = False
+    """Lay several texts into each row (no padding between them) with attention kept inside each text;
+    the same embeddings as unpacked, fewer wasted tokens."""
+    pack_length: int | None = None
+    """Tokens per packed row; default ``data.windows.max_length``."""
+    num_workers: int = 0
+    """DataLoader workers (a stream: each worker reads a shard of its rank's stream)."""
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -35,7 +54,7 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     too_long = [n for n in lengths if n > capacity]
     if too_long:
         raise ValueError(f"a text of {max(too_long)} tokens does not fit a packed row of {capacity}; "
-                         "set data.pack_length >= data.max_length")
+                         "set data.batching.pack_length >= data.windows.max_length")
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -128,8 +147,8 @@ class TokenBudgetBatchSampler(EpochBatchSampler):
     def __init__(self, lengths: Sequence[int], max_tokens: int, packed: bool = False, seed: int = 0,
                  shuffle: bool = True, pool_batches: int = 64) -> None:
         if max(lengths, default=0) > max_tokens:
-            raise ValueError(f"data.batch_tokens {max_tokens} is smaller than one text ({max(lengths)} tokens); "
-                             "raise data.batch_tokens to at least data.max_length")
+            raise ValueError(f"data.batching.batch_tokens {max_tokens} is smaller than one text ({max(lengths)} "
+                             "tokens); raise data.batching.batch_tokens to at least data.windows.max_length")
         super().__init__(lengths, len(lengths), seed, shuffle)
         self.max_tokens, self.packed, self.seed, self.shuffle = max_tokens, packed, seed, shuffle
         self.pool_batches = pool_batches

@@ -1,4 +1,4 @@
-"""Streaming corpora (``data.streaming: true``): train on a corpus read as it goes, never held whole,
+"""Streaming corpora (``data.stream.enabled: true``): train on a corpus read as it goes, never held whole,
 and resume mid-stream exactly.
 
 The in-memory path builds every window up front and fills the teacher cache before training; a
@@ -10,17 +10,19 @@ parquet/jsonl shards) cannot be held that way. Here:
   ``r * K + k`` of ``W * K``. Parsing every record is cheap next to tokenising a 1/(W K) share.
   Hashing the content sends exact duplicates to one shard, which drops them as the in-memory path
   does; documents held out for validation (by id hash) never enter the stream.
-* **Blocks.** A shard cuts its documents into windows (``Windower``, the in-memory path's rule) and
-  collects ``stream_block`` of them; each block is shuffled with a seed of (seed, epoch, shard,
-  block start) and cut into this rank's batches: ``data.batch_size / W`` texts, or
-  ``data.batch_tokens / W`` tokens (the samplers of ``packing``). With fixed batch sizes a block's
-  leftover (fewer than a batch) is carried into the next block, across epochs too, so no window is
-  dropped. The loss gathers every rank's rows, so the similarity matrix still spans the global batch.
+* **Blocks.** A shard cuts its documents into windows (``windows.Windower``, the in-memory path's rule:
+  tokenised once, chunks and cache keys included) and collects ``data.stream.block`` of them; each
+  block is shuffled with a seed of (seed, epoch, shard, block start) and cut into this rank's batches:
+  ``data.batching.batch_size / W`` texts, or ``batch_tokens / W`` tokens (the samplers of
+  ``packing``). With fixed batch sizes a block's leftover (fewer than a batch) is carried into the
+  next block, across epochs too, so no window is dropped. The loss gathers every rank's rows, so the
+  similarity matrix still spans the global batch.
 * **Epochs.** The stream never ends: at its end a shard starts again, with new shuffles. Training
   stops at ``trainer.max_steps`` (required; epochs x texts / batch_size gives it).
 * **Teacher vectors.** Workers read them from the cache. A text it lacks is embedded by the training
-  process itself (the rank's GPU) when its batch arrives (``stream_fill: true``), or is an error
-  naming ``dewey-lab fill`` (``false``): the fill job array can embed the whole stream beforehand.
+  process itself (the rank's GPU) when its batch arrives (``data.stream.fill: true``; the one fill
+  routine, ``fill.fill``), or is an error naming ``dewey-lab fill`` (``false``): the fill job array
+  can embed the whole stream beforehand.
 * **Resume.** Each batch carries its shard's position after it: (epoch, where its block starts in the
   document order, the windows carried into that block, batches of the block served). The loader
   keeps the positions after the last batch training consumed (optimizer steps x accumulation; the
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dewey_lab.data.corpus import CorpusSource, Document
+from dewey_lab.data.fill import fill
+from dewey_lab.data.items import item_of
 from dewey_lab.data.packing import FixedBatchSampler, TokenBudgetBatchSampler
+from dewey_lab.data.windows import Example, Windower, unique_documents
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,26 @@ GROUP_DOCS = 64  # documents per tokenizer call; blocks end on group boundaries 
 
 
 @dataclass
+class StreamConfig:
+    """Reading the corpus as a stream while training; every field is a YAML key under ``data.stream``."""
+
+    enabled: bool = False
+    """Read the corpus as a stream while training instead of building every window first: per-rank and
+    per-worker shards, resumable mid-stream, endless (set ``trainer.max_steps``); a list of corpora is
+    interleaved, not chained."""
+    block: int = 4096
+    """Windows shuffled together in a stream (more: better mixing, more memory)."""
+    fill: bool = True
+    """Embed texts the cache lacks as their batch arrives (the training process's device); false: a
+    missing text is an error (fill first with ``dewey-lab fill``)."""
+    val_docs: int = 100_000
+    """A stream's validation windows come from its first this-many documents."""
+
+
+@dataclass
 class ShardState:
     """Where a shard's stream stands: the block that starts at document ``pos`` of epoch ``epoch``,
-    with ``carry`` windows (``[doc_id, text, chunks, n_tokens]``) before it, ``done`` of its batches served."""
+    with ``carry`` windows (``Example.to_plain``) before it, ``done`` of its batches served."""
 
     epoch: int = 0
     pos: int = 0
@@ -73,10 +94,9 @@ class WindowStream(IterableDataset):
     """This rank's batches of a streamed corpus, collated, each with its shard's position after it
     (``batch["_stream"]``) and the rows whose teacher vectors the cache lacked (``batch["_missing"]``)."""
 
-    def __init__(self, corpus: CorpusSource, windower, cache, fingerprint: str, collate, *, rank: int,
-                 world_size: int, batch_size: int | None, batch_tokens: int | None, packed: bool, block: int,
-                 seed: int) -> None:
-        self.corpus, self.windower, self.cache, self.fingerprint = corpus, windower, cache, fingerprint
+    def __init__(self, corpus: CorpusSource, windower: Windower, cache, collate, *, rank: int, world_size: int,
+                 batch_size: int | None, batch_tokens: int | None, packed: bool, block: int, seed: int) -> None:
+        self.corpus, self.windower, self.cache = corpus, windower, cache
         self.collate, self.rank, self.world_size = collate, rank, world_size
         self.batch_size, self.batch_tokens, self.packed, self.block, self.seed = (batch_size, batch_tokens, packed,
                                                                                   block, seed)
@@ -95,8 +115,6 @@ class WindowStream(IterableDataset):
     # -- documents -> blocks -> batches --------------------------------------------------------
     def documents(self, shard: int, n_shards: int) -> Iterator[tuple[int, Document]]:
         """(position in the corpus, document) of this shard's training documents, duplicates dropped."""
-        from dewey_lab.data.datamodule import unique_documents
-
         for pos, doc in unique_documents(self.corpus, keep=lambda digest: shard_of(digest, n_shards) == shard):
             if not self.windower.is_val(doc):
                 yield pos, doc
@@ -119,10 +137,8 @@ class WindowStream(IterableDataset):
         yield block_start, None, windows
 
     def batches(self, shard: int, n_shards: int, state: ShardState) -> Iterator[tuple[dict, ShardState]]:
-        from dewey_lab.data.datamodule import Example
-
         epoch, start, skip = state.epoch, state.pos, state.done
-        carry = [Example(d, t, [tuple(c) for c in ch], n) for d, t, ch, n in state.carry]
+        carry = [Example.from_plain(plain) for plain in state.carry]
         while True:
             any_windows = False
             for block_start, next_pos, windows in self.blocks(shard, n_shards, start):
@@ -131,13 +147,15 @@ class WindowStream(IterableDataset):
                 cut, left = self.cut(block, epoch, shard, block_start)
                 after_block = (ShardState(epoch, next_pos, _plain(left)) if next_pos is not None
                                else ShardState(epoch + 1, 0, _plain(left)))
+                carried = _plain(carry)  # once a block: every batch of it names the same carried windows
                 for j in range(skip, len(cut)):
-                    after = after_block if j == len(cut) - 1 else ShardState(epoch, block_start, _plain(carry), j + 1)
+                    after = after_block if j == len(cut) - 1 else ShardState(epoch, block_start, carried, j + 1)
                     yield self.make_batch([block[i] for i in cut[j]]), after
                 carry, skip = left, 0
             if not any_windows:
                 raise ValueError(f"stream shard {shard} of {n_shards} holds no training text: the corpus is too small "
-                                 "for this many ranks x data.num_workers; lower data.num_workers or use more documents")
+                                 "for this many ranks x data.batching.num_workers; lower data.batching.num_workers or "
+                                 "use more documents")
             epoch, start = epoch + 1, 0
 
     def cut(self, block: list, epoch: int, shard: int, block_start: int) -> tuple[list[list[int]], list]:
@@ -153,17 +171,12 @@ class WindowStream(IterableDataset):
             return batches[:-1], [block[i] for i in batches[-1]]
         return batches, []
 
-    def make_batch(self, examples: list) -> dict:
+    def make_batch(self, examples: list[Example]) -> dict:
         """Collated examples with their teacher vectors; rows the cache lacks are zeros, listed in ``_missing``
         as (row of [whole vectors; chunk vectors], key, text)."""
-        from dewey_lab.data.datamodule import item_without_vectors
-
-        items, keys, texts = [], [], []
-        for ex in examples:
-            item, k, t = item_without_vectors(ex, self.windower, self.fingerprint)
-            items.append(item)
-            keys.append(k)
-            texts.append(t)
+        items = [item_of(ex) for ex in examples]
+        keys = [ex.keys for ex in examples]
+        texts = [ex.teacher_texts() for ex in examples]
         flat_keys = [k[0] for k in keys] + [c for k in keys for c in k[1:]]
         flat_texts = [t[0] for t in texts] + [c for t in texts for c in t[1:]]
         lacking = set(self.cache.missing(flat_keys))
@@ -181,8 +194,8 @@ class WindowStream(IterableDataset):
         return batch
 
 
-def _plain(examples: list) -> list:
-    return [[e.doc_id, e.text, [list(c) for c in e.chunks], e.n_tokens] for e in examples]
+def _plain(examples: list[Example]) -> list:
+    return [e.to_plain() for e in examples]
 
 
 def _first(batch):  # the stream yields whole batches: the loader's collate passes them through
@@ -237,18 +250,15 @@ class StreamLoader(DataLoader):
         keys = [k for _, k, _ in missing]
         if not self.fill:
             raise RuntimeError(f"{len(keys)} texts of a streamed batch are not in the teacher cache {cache.dir}; "
-                               "fill it first (dewey-lab fill -c <experiment>) or set data.stream_fill: true")
-        lacking = set(cache.missing(keys))  # another rank or an earlier batch may have embedded some
-        todo = list(dict.fromkeys(k for k in keys if k in lacking))
-        if todo:
-            if not self.filled:
-                log.info("stream: embedding texts the teacher cache lacks inside training (data.stream_fill); "
-                         "fill the stream first (dewey-lab fill) to keep the teacher out of the training loop")
-            text = {k: t for _, k, t in missing}
-            t0 = time.perf_counter()
-            cache.put_many(todo, self.teacher.encode([text[k] for k in todo]))
-            self.teacher_seconds += time.perf_counter() - t0
-            self.filled += len(todo)
+                               "fill it first (dewey-lab fill -c <experiment>) or set data.stream.fill: true")
+        # another rank or an earlier batch may have embedded some: the fill embeds only what is still missing
+        stats = fill({k: t for _, k, t in missing}, self.teacher, cache, block=max(1, len(keys)))
+        if stats.misses and not self.filled:
+            log.info("stream: embedded %d texts the teacher cache lacked inside training (data.stream.fill); "
+                     "fill the stream first (dewey-lab fill) to keep the teacher out of the training loop",
+                     stats.misses)
+        self.teacher_seconds += stats.teacher_seconds
+        self.filled += stats.misses
         vecs = torch.from_numpy(cache.get_many(keys))
         n_whole = len(batch["t_whole"])
         for (row, _, _), v in zip(missing, vecs):

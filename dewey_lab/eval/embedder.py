@@ -2,17 +2,20 @@
 
 One forward pass per passage yields both views:
 
-* single vector: the whole passage pooled (``cls``, ``mean`` or ``cls_mean``, Dewey's three; ``last``
-  for decoder embedders such as E5-Mistral, Linq-Embed-Mistral and Qwen3-Embedding: the hidden
-  state of an EOS token appended to every input, right padding, as their own code does);
+* single vector: the whole passage pooled by a ``dewey_lab.model.pooling`` head, the classes training
+  uses (``cls``, ``mean`` or ``cls_mean``, Dewey's three; ``last`` for decoder embedders such as
+  E5-Mistral, Linq-Embed-Mistral and Qwen3-Embedding: the hidden state of an EOS token appended to
+  every input, right padding, as their own code does; a trained head such as ``attention``);
 * multi-vector: fixed token windows (``chunk_size``, ``chunk_overlap``; Dewey's examples use 256 /
   64; the last window is moved back to end at the text's end, so no chunk is a short tail) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
   passage as context and no chunk is encoded on its own.
 
-Chunks pool text tokens only (no CLS, SEP or prompt), as the training loss pooled them. Mean
-pooling covers text tokens (``mean_over="content"``, Dewey) or every attended token
+Each padded batch is handed to the heads as the batch dict training's packed batches are
+(``doc_row``, ``doc_start``, ``token_doc``, ``content_mask``; one text per row here), so one head
+code serves both. Chunks pool text tokens only (no CLS, SEP or prompt), as the training loss pooled
+them. Mean pooling covers text tokens (``mean_over="content"``, Dewey) or every attended token
 (``mean_over="all"``, what sentence-transformers' Pooling does; used for its models so a baseline
-scores exactly as it does in sentence-transformers).
+scores exactly as it does in sentence-transformers): that is the batch's ``content_mask``.
 
 Passages longer than ``max_length`` are truncated to it, as LongEmbed evaluates a model without
 an extension method; ``Item.truncated`` marks them so reports can say so. Batches are built
@@ -32,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dewey_lab.data.datamodule import text_token_mask
+from dewey_lab.data.items import text_token_mask
 from dewey_lab.model.attention import banded, can_band, key_masks
-from dewey_lab.model.pooling import masked_mean, span_mean
+from dewey_lab.model.pooling import ChunkMeanPooling, PoolingHead
 
-POOLINGS = ("cls", "mean", "cls_mean", "last")
 BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-window SDPA
 CHARS_PER_TOKEN_BOUND = 32  # characters per token no real text exceeds on average (English: about 4)
 
@@ -65,8 +67,11 @@ class Embedder:
         model: the encoder (a transformers model, or a student's ModernBertModel).
         tokenizer: its fast tokenizer (offsets are used to tell text from prompt tokens).
         head: applied after pooling (a trained student's projection); None for none.
-        pooling: single-vector pooling, one of ``cls``, ``mean``, ``cls_mean``, ``last`` (the last attended
-            token; an EOS is appended to every input unless the tokenizer ends it with one or has none).
+        pooling: single-vector pooling: a whole-text ``PoolingHead`` (a trained one) or its name, one of
+            ``PoolingHead.choices()``: cls, mean, cls_mean, last (the last attended token; an EOS is appended
+            to every input unless the tokenizer ends it with one or has none). A name whose head has learned
+            weights (attention) is refused: pass the trained head.
+        chunk_pooling: the multi-vector chunk head (a trained student's; default: mean of the chunk's tokens).
         mean_over: ``content`` (text tokens) or ``all`` (every attended token, sentence-transformers).
         max_length: tokens per passage, special tokens included; longer passages are truncated.
         query_prompt, passage_prompt: prepended to queries / passages (never pooled by ``content``);
@@ -78,14 +83,17 @@ class Embedder:
         extension: a context-window extension bound to this model (``Extension.bind``), or None.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, head: nn.Module | None = None, pooling: str = "mean",
+    def __init__(self, model: nn.Module, tokenizer, *, head: nn.Module | None = None,
+                 pooling: str | PoolingHead = "mean", chunk_pooling: PoolingHead | None = None,
                  mean_over: str = "content", max_length: int = 512, query_prompt: str = "",
                  passage_prompt: str = "", chunk_size: int = 256, chunk_overlap: int = 64,
                  token_budget: int = 16384, normalize: bool = True, name: str = "model",
                  fingerprint: str | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, extension=None) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        whole = pooling if isinstance(pooling, PoolingHead) else PoolingHead.pick(pooling, hidden_size=hidden)
+        if not whole.whole:
+            raise ValueError(f"pooling {type(whole).__name__} is a chunk head; give a whole-text head")
         if mean_over not in ("content", "all"):
             raise ValueError(f"mean_over must be content or all, got {mean_over!r}")
         if not 0 <= chunk_overlap < chunk_size:
@@ -93,7 +101,8 @@ class Embedder:
         if max_length < 8:
             raise ValueError(f"max_length {max_length} is too small to hold a passage; use at least 8 tokens")
         self.model, self.tokenizer, self.head = model, tokenizer, head
-        self.pooling, self.mean_over, self.max_length = pooling, mean_over, max_length
+        self.whole_head, self.chunk_head = whole, chunk_pooling if chunk_pooling is not None else ChunkMeanPooling()
+        self.mean_over, self.max_length = mean_over, max_length
         self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
         self.chunk_size, self.chunk_overlap, self.token_budget = chunk_size, chunk_overlap, token_budget
         self.normalize, self.name, self.fingerprint = normalize, name, fingerprint or name
@@ -103,12 +112,29 @@ class Embedder:
         self.window = max_length  # the model's own window L_o (load.extend() may raise max_length past it)
 
     @property
+    def pooling(self) -> str:
+        """The whole-text head's name (``cls``, ``mean``, ...)."""
+        return self.whole_head.name or type(self.whole_head).__name__
+
+    def with_pooling(self, name: str | None) -> Embedder:
+        """This embedder pooling by ``name`` (None or its own head's name: itself); one-line error listing the
+        choices for an unknown name or a head with learned weights this model did not train."""
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        head = PoolingHead.pick(name, self.whole_head, hidden)
+        if head is self.whole_head:
+            return self
+        e = copy.copy(self)
+        e.whole_head = head
+        return e
+
+    @property
     def fingerprint_extra(self) -> str:
         """Everything besides the weights that changes a vector; part of every cache key. ``/per-input``
         marks extension vectors computed since GP / PI / PCW follow LongEmbed's reference (per-sequence
         factors, raw PCW means), so an older cache's vectors are never served for them."""
-        return (f"pool={self.pooling}/{self.mean_over}|len={self.max_length}|chunk={self.chunk_size}/"
-                f"{self.chunk_overlap}|norm={int(self.normalize)}|dtype={self.dtype}|ext={self.extension!r}"
+        return (f"pool={self.whole_head.describe()}/{self.mean_over}|len={self.max_length}|"
+                f"chunk={self.chunk_size}/{self.chunk_overlap}|norm={int(self.normalize)}|dtype={self.dtype}|"
+                f"ext={self.extension!r}"
                 f"@{getattr(self.extension, 'original', '')}" + ("/per-input" if self.extension is not None else ""))
 
     # -- tokenisation ------------------------------------------------------------------------------
@@ -127,7 +153,7 @@ class Embedder:
                 one = self.tokenizer(text, **kwargs)
                 rows[i] = (one["input_ids"], one["offset_mapping"], one["special_tokens_mask"])
         p = len(prompt)
-        eos = self.tokenizer.eos_token_id if self.pooling == "last" else None
+        eos = self.tokenizer.eos_token_id if self.whole_head.appends_eos else None
         items = []
         for text, (ids, offsets, special) in zip(full, rows):
             ids, offsets = list(ids), list(offsets)
@@ -255,10 +281,14 @@ class Embedder:
             return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
 
     def _pool(self, hidden: Tensor, content: Tensor, attn: Tensor) -> Tensor:
-        if self.pooling == "last":  # right padding: the last attended token is the appended EOS
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), attn.sum(1) - 1]  # (B, H)
-        mean = masked_mean(hidden, content if self.mean_over == "content" else attn.bool())  # (B, H)
-        return {"cls": hidden[:, 0], "mean": mean, "cls_mean": 0.5 * (hidden[:, 0] + mean)}[self.pooling]
+        """(B, H): the whole-text head over a padded batch, laid out as training's batch dict (one text per
+        row, starting at 0, right padding), so the head runs the same code on both."""
+        B = hidden.shape[0]
+        rows = torch.arange(B, device=hidden.device)
+        batch = {"doc_row": rows, "doc_start": torch.zeros_like(rows),
+                 "token_doc": torch.where(attn.bool(), rows.unsqueeze(1), -1),  # (B, T)
+                 "content_mask": content if self.mean_over == "content" else attn.bool()}  # what a mean reads
+        return self.whole_head(hidden, batch)
 
     def _embed_batch(self, items: list[Item], chunks: bool) -> tuple[list[Tensor], list[Tensor]]:
         if getattr(self.extension, "splits", False):  # PCW: windows embedded apart
@@ -277,7 +307,8 @@ class Embedder:
         row = torch.tensor(rows, device=self.device)
         start = torch.tensor([s for s, _ in spans], device=self.device)
         end = torch.tensor([e for _, e in spans], device=self.device)
-        vecs = self._finish(span_mean(hidden, row, start, end)).cpu()  # (N, D)
+        chunk_vecs = self.chunk_head(hidden, {"chunk_row": row, "chunk_start": start, "chunk_end": end})  # (N, H)
+        vecs = self._finish(chunk_vecs).cpu()  # (N, D)
         split = list(torch.split(vecs, [len(it.chunks) for it in items]))
         return list(single.cpu()), split
 

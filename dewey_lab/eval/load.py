@@ -1,7 +1,9 @@
 """Load any model to evaluate as an Embedder: a hub id, a local directory, or a training checkpoint.
 
-* ``*.ckpt`` (a DistillModule checkpoint from ``dewey-lab fit``): the student and its projection
-  head are rebuilt from the saved hyper-parameters; vectors live in the teacher's space, as trained.
+* ``*.ckpt`` (a DistillModule checkpoint from ``dewey-lab fit``): the student, its pooling heads and
+  its projection are rebuilt from the checkpoint (hyper-parameters, the heads' record, weights) and it
+  pools with the whole-text head it trained unless ``pooling`` says otherwise; vectors live in the
+  teacher's space, as trained.
 * a sentence-transformers directory or hub id: the transformer's weights, with the pooling
   (cls / mean / lasttoken), Dense head(s) and the query / document prompts its own config declares,
   so a baseline scores as it does in sentence-transformers. A module or pooling mode we cannot
@@ -27,6 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from dewey_lab.eval.embedder import Embedder, check_length, window_of
+from dewey_lab.model.pooling import PoolingHead
 from dewey_lab.model.student import load_tokenizer, pick_attn_implementation
 from dewey_lab.resolve import is_local, model_fingerprint, resolve_model
 
@@ -58,8 +61,10 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
 
     Args:
         model: hub id, local directory, ``pkg://`` packaged model, or a ``.ckpt`` from training.
-        pooling: cls, mean, cls_mean or last; default: the sentence-transformers config, else last for a
-            decoder (E5-Mistral style: EOS appended, right padding) and mean for an encoder.
+        pooling: a ``PoolingHead`` name (``PoolingHead.choices()``: cls, mean, cls_mean, last, attention, ...);
+            default: a checkpoint's trained whole-text head, else the sentence-transformers config, else last
+            for a decoder (E5-Mistral style: EOS appended, right padding) and mean for an encoder. A head with
+            learned weights (attention) only where it was trained.
         max_length: tokens per passage; default: the model's window.
         query_prompt, passage_prompt: default: the prompts the model declares, else none (a decoder's
             queries get LongEmbed's E5-Mistral instruction, its passages nothing).
@@ -169,8 +174,18 @@ def _attn_for(config) -> str:
 
 ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "WordWeights")
 """sentence-transformers module types ``dewey-lab eval`` reproduces; any other is refused, never skipped."""
-ST_POOLINGS = {("cls",): "cls", ("mean",): "mean", ("cls", "mean"): "cls_mean", ("lasttoken",): "last"}
-"""sentence-transformers pooling modes -> ours (``cls`` + ``mean`` is what ``dewey-lab export`` writes)."""
+
+
+def st_poolings() -> dict[tuple[str, ...], str]:
+    """sentence-transformers pooling modes -> our head names, as each head declares them
+    (``PoolingHead.sentence_transformers_modes``; ``cls`` + ``mean`` is what ``dewey-lab export`` writes)."""
+    out: dict[tuple[str, ...], str] = {}
+    for name, head in PoolingHead.choices().items():
+        modes = head().sentence_transformers_modes()
+        if modes:
+            out.setdefault(tuple(modes), name)
+    return out
+
 DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
 
 
@@ -214,10 +229,11 @@ def _sentence_transformers_config(path: str, local: bool, revision: str | None) 
                          "max": "pooling_mode_max_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
                          "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
                 modes = [m for m, flag in flags.items() if pool.get(flag)]
-            if tuple(modes) not in ST_POOLINGS:
+            known = st_poolings()
+            if tuple(modes) not in known:
                 raise ValueError(f"{path}: sentence-transformers pooling {'+'.join(modes) or '(none)'} is not supported "
-                                 f"by dewey-lab eval; supported: {', '.join('+'.join(k) for k in ST_POOLINGS)}")
-            out["pooling"] = ST_POOLINGS[tuple(modes)]
+                                 f"by dewey-lab eval; supported: {', '.join('+'.join(k) for k in known)}")
+            out["pooling"], out["pooling_parts"] = known[tuple(modes)], len(modes)
         elif kind == "WordWeights":  # dewey-lab export: special tokens weigh 0 -> text tokens only
             out["mean_over"] = "content"
         elif kind == "Dense":
@@ -229,15 +245,16 @@ def _sentence_transformers_config(path: str, local: bool, revision: str | None) 
     if exported:
         out["max_length"] = exported["max_length"]
     if denses:
-        layers = [_dense_layers(fetch, d, halves=(i == 0 and out.get("pooling") == "cls_mean"))
+        layers = [_dense_layers(fetch, d, parts=out.get("pooling_parts", 1) if i == 0 else 1)
                   for i, d in enumerate(denses)]
         flat = [m for layer in layers for m in layer]
         out["head"] = flat[0] if len(flat) == 1 else torch.nn.Sequential(*flat)
     return out
 
 
-def _dense_layers(fetch, folder: str, halves: bool) -> list[torch.nn.Module]:
-    """A sentence-transformers Dense as [Linear] or [Linear, activation]; one-line error for the rest."""
+def _dense_layers(fetch, folder: str, parts: int = 1) -> list[torch.nn.Module]:
+    """A sentence-transformers Dense as [Linear] or [Linear, activation]; one-line error for the rest. Over
+    ``parts`` concatenated pooling modes it reads the first block, scaled: the Embedder's head averages them."""
     cfg_file = fetch(f"{folder}/config.json")
     if cfg_file is None:
         raise ValueError(f"Dense module {folder}/ has no config.json; the model files are incomplete")
@@ -257,8 +274,8 @@ def _dense_layers(fetch, folder: str, halves: bool) -> list[torch.nn.Module]:
             raise ValueError(f"Dense module {folder}/ has no model.safetensors or pytorch_model.bin")
         state = torch.load(legacy, map_location="cpu", weights_only=True)
     w, b = state["linear.weight"], state.get("linear.bias")
-    if halves:  # [cls, mean] -> 0.5 W (cls + mean): the Embedder pools cls_mean first, then W
-        w = 2 * w[:, : w.shape[1] // 2]
+    if parts > 1:  # [cls, mean] -> 0.5 W (cls + mean): the Embedder pools cls_mean first, then W
+        w = parts * w[:, : w.shape[1] // parts]
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     with torch.no_grad():
         linear.weight.copy_(w)
@@ -268,7 +285,9 @@ def _dense_layers(fetch, folder: str, halves: bool) -> list[torch.nn.Module]:
 
 
 def load_checkpoint(path: str):
-    """The DistillModule of a ``dewey-lab fit`` checkpoint, on CPU, in eval mode."""
+    """The DistillModule of a ``dewey-lab fit`` checkpoint, on CPU, in eval mode, with the pooling heads it
+    trained (``DistillModule.on_load_checkpoint`` rebuilds them from ``checkpoint["dewey_heads"]``; an older
+    checkpoint without that record keeps the defaults, CLS and chunk mean)."""
     from dewey_lab.model.module import DistillModule
     from dewey_lab.model.student import StudentConfig
 
@@ -285,7 +304,9 @@ def load_checkpoint(path: str):
 def _from_checkpoint(path: str, dev, dt, pooling, query_prompt, passage_prompt, **kwargs) -> Embedder:
     module = load_checkpoint(path).to(dev)
     tokenizer = load_tokenizer(module.spec.tokenizer_name)
-    return Embedder(module.student, tokenizer, head=module.projection, pooling=pooling or "mean",
-                    max_length=module.student.config.max_position_embeddings, query_prompt=query_prompt or "", passage_prompt=passage_prompt or "",
+    whole = PoolingHead.pick(pooling, module.whole_pooling, module.student.config.hidden_size)  # None: the trained one
+    return Embedder(module.student, tokenizer, head=module.projection, pooling=whole, chunk_pooling=module.chunk_pooling,
+                    max_length=module.student.config.max_position_embeddings, query_prompt=query_prompt or "",
+                    passage_prompt=passage_prompt or "",
                     name=Path(path).parent.parent.name + "/" + Path(path).stem,
                     fingerprint=model_fingerprint(path), device=dev, dtype=dt, **kwargs)

@@ -18,13 +18,8 @@ import time
 
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.report import LONGEMBED_SIX, markdown, summarize, write_results
-from dewey_lab.eval.tasks.longembed import (
-    LOCO_SUBSETS,
-    LONGEMBED_REAL,
-    LONGEMBED_SYNTHETIC,
-    load_loco,
-    load_longembed,
-)
+from dewey_lab.eval.tasks.loco import LOCO_SUBSETS, load_loco
+from dewey_lab.eval.tasks.longembed import LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed
 from dewey_lab.eval.tasks.task import RetrievalTask
 
 log = logging.getLogger(__name__)
@@ -114,6 +109,8 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from dewey_lab.model.pooling import PoolingHead
+
     p = ArgumentParser(prog="dewey-lab eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these keys")
     p.add_argument("--model", type=str | None, default=None,
@@ -124,8 +121,10 @@ def parser():
     p.add_argument("--lengths", type=str, default=None, help="synthetic lengths in tokens, e.g. 256,512,1k "
                    "(default: the paper's 256 ... 32k)")
     p.add_argument("--mode", type=str, default="single", help="single, multi or both")
-    p.add_argument("--pooling", type=str, default=None,
-                   help="cls, mean, cls_mean or last (decoders) (default: the model's own)")
+    p.add_argument("--pooling", type=str | None, default=None,
+                   help=f"a pooling head: {', '.join(PoolingHead.choices())} (dewey_lab.model.pooling; last for "
+                        "decoders, attention only where a checkpoint trained it). Default: the model's own, a "
+                        "checkpoint's trained whole-text head")
     p.add_argument("--max_length", "--max-length", type=int, default=None, help="tokens per passage (default: window)")
     p.add_argument("--query_prompt", "--query-prompt", type=str, default=None)
     p.add_argument("--passage_prompt", "--passage-prompt", type=str, default=None)

@@ -168,8 +168,8 @@ def forward_rows(model, batch: dict[str, Tensor]) -> Tensor:
                     cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return out.last_hidden_state.reshape(R, T, -1)
     if impl not in ("sdpa", "eager", BANDED):
-        raise ValueError(f"data.pack needs attention sdpa, eager or flash_attention_2, not {impl}; "
-                         "set model.student.attn_implementation: auto, or data.pack: false")
+        raise ValueError(f"data.batching.pack needs attention sdpa, eager or flash_attention_2, not {impl}; "
+                         "set model.student.attn_implementation: auto, or data.batching.pack: false")
     masks = document_masks(batch["token_doc"], model.config.sliding_window)
     if impl == "eager":  # eager adds its mask to the scores
         low = torch.finfo(model.dtype).min

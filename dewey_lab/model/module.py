@@ -5,6 +5,10 @@ CLS by default) and one embedding per chunk (``chunk_pooling``, the mean of the 
 tokens); a shared projection maps them to the teacher's dimension. Each loss term compares them
 with the teacher's vectors, read from the cache by the data module.
 
+Every checkpoint records each head's class path and init arguments (``checkpoint["dewey_heads"]``)
+beside its weights (the state dict), so ``dewey-lab eval`` / ``export`` and ``dewey_lab.encode`` rebuild
+the heads that were trained and pool with the whole-text one by default.
+
 Validation logs the mean student-teacher cosine on held-out documents (``val/cos_whole``,
 ``val/cos_chunk``) beside the same figure for the best constant predictor, the mean teacher
 vector of the training set (``val/cos_whole_baseline``, ``val/cos_chunk_baseline``): a student
@@ -37,6 +41,8 @@ VAL_METRICS = ("cos_whole", "cos_chunk", "cos_whole_baseline", "cos_chunk_baseli
 
 
 class DistillModule(L.LightningModule):
+    HEADS = ("whole_pooling", "chunk_pooling")  # recorded in every checkpoint (``checkpoint["dewey_heads"]``)
+
     def __init__(
         self,
         student: StudentConfig = StudentConfig(),  # noqa: B008 (a frozen-in-use dataclass; jsonargparse nests it)
@@ -54,8 +60,9 @@ class DistillModule(L.LightningModule):
         """
         Args:
             student: which ModernBERT to build and how (thetas, attention backend).
-            whole_pooling: whole-text embedding head (Dewey: CLS).
-            chunk_pooling: chunk embedding head (Dewey: mean of the chunk's tokens).
+            whole_pooling: whole-text embedding head (``dewey_lab.model.pooling``; default CLS, Dewey's). Eval,
+                export, encode and the passkey check pool with it unless told otherwise (``--pooling``).
+            chunk_pooling: chunk embedding head (default: mean of the chunk's tokens, Dewey's).
             losses: the loss terms by name (``dewey_lab.model.losses``), summed with their weights and logged
                 as ``train/loss_<name>_<target>``. Default: ``cosine`` (weight 10) and ``similarity``
                 (weight 200) on whole and chunk, Jasper's recipe; ``experiments/base.yaml`` spells it out.
@@ -76,6 +83,8 @@ class DistillModule(L.LightningModule):
         self.student = build_student(self.spec)
         self.whole_pooling = whole_pooling if whole_pooling is not None else CLSPooling()
         self.chunk_pooling = chunk_pooling if chunk_pooling is not None else ChunkMeanPooling()
+        for head in (self.whole_pooling, self.chunk_pooling):  # weights sized by the student's width, if any
+            head.bind(self.student.config.hidden_size)
         self.losses = nn.ModuleDict(losses if losses is not None else default_losses())
         if projection not in ("auto", "linear", "none"):
             raise ValueError(f"model.projection must be auto, linear or none, got {projection!r}")
@@ -135,7 +144,7 @@ class DistillModule(L.LightningModule):
             self._build_projection(dm.teacher_dim)
         elif self.hparams["teacher_dim"] != dm.teacher_dim:
             raise ValueError(f"this model was built for {self.hparams['teacher_dim']}-d teacher vectors but the "
-                             f"cache holds {dm.teacher_dim}-d; use the same teacher or a new data.cache_dir")
+                             f"cache holds {dm.teacher_dim}-d; use the same teacher or a new data.cache.dir")
         self.teacher_means = dict(dm.teacher_means)
 
     def on_fit_start(self) -> None:
@@ -211,14 +220,32 @@ class DistillModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dewey_lab"] = {"bad_steps": self.bad_steps, "torch_rng": torch.get_rng_state(),
                                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        # the heads are not hyper-parameters (modules); their class and arguments go here, weights in the state dict
+        checkpoint["dewey_heads"] = {key: getattr(self, key).config() for key in self.HEADS}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._load_heads(checkpoint.get("dewey_heads") or {})  # before load_state_dict reads their weights
         state = checkpoint.get("dewey_lab")
         if state:  # a resumed run continues the count and the random stream (dropout, if any)
             self.bad_steps = state["bad_steps"]
             torch.set_rng_state(state["torch_rng"])
             if state["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _load_heads(self, record: dict) -> None:
+        """Rebuild the heads a checkpoint trained (``load_from_checkpoint``: eval, export, encode). A checkpoint
+        written before heads were recorded keeps the defaults it was built with (CLS, chunk mean). A resumed
+        fit must already have built the same heads: its config is the checkpoint's."""
+        for key, want in record.items():
+            head: PoolingHead = getattr(self, key)
+            if head.config() == want:
+                continue
+            if self._trainer is not None:
+                have = head.config()
+                raise ValueError(f"the checkpoint trained model.{key} {want['class_path']} {want['init_args']} but "
+                                 f"this run builds {have['class_path']} {have['init_args']}; resume with the config "
+                                 "it ran with")
+            setattr(self, key, PoolingHead.from_config(want, self.student.config.hidden_size))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         emb = self(batch)

@@ -55,8 +55,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def peek_checkpoint(path) -> dict:
-    """A checkpoint's contents with its tensors memory-mapped, not read: cheap for a look at its step or
-    its run identity (``checkpoint["dewey_run"]``) however large the weights."""
+    """A checkpoint's contents with its tensors memory-mapped, not read: cheap for a look at its step, its
+    run identity (``checkpoint["dewey_run"]``) or its pooling heads (``checkpoint["dewey_heads"]``: class path
+    and init arguments per head, which ``DistillModule.on_load_checkpoint`` rebuilds before the weights load)
+    however large the weights."""
     from dewey_lab.model.student import StudentConfig
 
     with torch.serialization.safe_globals([StudentConfig]):

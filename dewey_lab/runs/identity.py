@@ -35,7 +35,7 @@ BOOKKEEPING = (
     "trainer.logger.init_args.version",
     "trainer.default_root_dir",
     "checkpoint.dirpath",
-    "data.cache_dir",  # content-addressed by the teacher fingerprint: where it lives changes no vector
+    "data.cache.dir",  # content-addressed by the teacher fingerprint: where it lives changes no vector
 )
 
 

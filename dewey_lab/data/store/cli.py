@@ -1,4 +1,4 @@
-"""``dewey-lab cache stats|verify|gc DIR``: look after a teacher (or evaluation) cache directory.
+"""``dewey-lab cache stats|verify|gc|merge DIR``: look after a teacher (or evaluation) vector store.
 
     dewey-lab cache stats  data/teacher_cache           # vectors, shards, bytes, bytes per vector
     dewey-lab cache verify data/teacher_cache [--repair]  # crc of every row; --repair drops bad entries
@@ -15,13 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from dewey_lab.data.store.vectors import INDEX_NAME, LEGACY_NAME, VectorStore
+from dewey_lab.data.store import maintenance
+from dewey_lab.data.store.index import INDEX_NAME, LEGACY_NAME
+from dewey_lab.data.store.vectors import VectorStore
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dewey-lab cache", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("stats", "verify", "gc", "merge"))
-    p.add_argument("dir", help="the cache directory (data.cache_dir)")
+    p.add_argument("dir", help="the cache directory (data.cache.dir)")
     p.add_argument("sources", nargs="*", help="merge: caches whose vectors to copy into DIR")
     p.add_argument("--repair", action="store_true", help="verify: delete bad entries so the next fill recomputes them")
     p.add_argument("--dtype", choices=("float32", "float16"), default=None,
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         sources = [VectorStore(src, dtype=None) for src in a.sources]
         cache, out = VectorStore(path, dtype=a.dtype or sources[0].dtype), {}
         for src, source in zip(a.sources, sources, strict=True):
-            out[src] = cache.merge(source)
+            out[src] = maintenance.merge(cache, source)
         print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
         return
     _check(path)
@@ -48,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.command == "stats":
             out = cache.stats()
         elif a.command == "verify":
-            out = cache.verify(repair=a.repair)
+            out = maintenance.verify(cache, repair=a.repair)
         else:
-            out = cache.gc()
+            out = maintenance.gc(cache)
     finally:
         cache.close()
     if a.json:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 def _check(*paths: Path) -> None:
     for path in paths:
         if not (path / INDEX_NAME).exists() and not (path / LEGACY_NAME).exists():
-            raise FileNotFoundError(f"no teacher cache at {path} (no {INDEX_NAME}); pass the directory data.cache_dir names")
+            raise FileNotFoundError(f"no teacher cache at {path} (no {INDEX_NAME}); pass the directory data.cache.dir names")
 
 
 def _table(d: dict) -> str:

@@ -1,9 +1,17 @@
-"""Content-addressed store of teacher embeddings, built for 1e8 vectors.
+"""Content-addressed vector store, built for 1e8 vectors: what a teacher or a model embedded, kept as data.
 
-A key is ``sha256(teacher fingerprint + text)``, where the fingerprint covers teacher id,
-revision, prompt, max length and normalisation (``Teacher.fingerprint``). Any run that shares
-text with an earlier one, under the same teacher, shares its teacher work: a theta ablation
-costs zero teacher time after its first variant.
+Two users. Training keeps the teacher's vectors of every window and chunk here (``data.cache.dir``,
+filled by the data module's ``prepare_data``, read by its batches); evaluation keeps each model's
+passage vectors here (``eval/retrieval.py``, one store per model), so a killed evaluation resumes
+and a rerun costs no forward pass. A key is ``sha256(fingerprint + text)`` (``cache_key``); for the
+teacher the fingerprint covers teacher id, revision, prompt, max length and normalisation
+(``Teacher.fingerprint``), so every run that shares text with an earlier one, under the same
+teacher, shares its teacher work: a theta ablation costs zero teacher time after its first variant.
+
+This module is the store: open, ``missing``, ``get_many``, ``put_many``, ``stats``. Its SQLite index
+is opened by ``index.py``; its shard files are written only by ``shards.ShardWriter`` (``put_many``
+here, ``gc`` there). Looking after a store (verify, gc, merge, the import of the former layout) is
+``maintenance.py``; ``dewey-lab cache`` is ``cli.py``.
 
 Layout of ``cache_dir``::
 
@@ -26,6 +34,7 @@ Why two parts. The paper's run caches ~1e8 vectors of 4096-d (fp16: 8 KiB each, 
   processes; Arrow / Parquet files are immutable, so appending means new files plus an index of
   which file holds which key, which is what this is, with SQLite as that index.
 
+
 Writing. Each writing process owns a shard (claimed on its first put by inserting a ``shards``
 row; a fresh one once it reaches ``max_shard_bytes``, default 1 GiB), so no two processes ever
 write the same file. A block: truncate the shard to its committed ``rows * rowbytes`` (drops a
@@ -36,7 +45,7 @@ process indexed meanwhile keeps that process's row, ours is just unreferenced) a
 old or the new committed state; bytes past ``rows`` are never read and are truncated by the
 owner's next write, or on open / by ``gc`` when no put is in flight. ``crc`` is ``zlib.crc32`` of
 a row's stored bytes: ``verify`` recomputes it, ``verify(repair=True)`` drops bad entries so the
-next fill recomputes them, ``gc`` compacts away unreferenced rows (``dewey-lab cache ...``).
+next fill recomputes them, ``gc`` compacts away unreferenced rows (``maintenance.py``, ``dewey-lab cache ...``).
 
 On-disk size per million vectors: D * itemsize bytes of shard data plus the index, measured at
 54 bytes per vector (53.7 on stores of 200k and of 1M vectors, ``benchmarks/cache_throughput.py``;
@@ -54,7 +63,7 @@ random 32-byte keys leave B-tree pages partly empty). The paper's 1e8 x 4096 fp1
 A directory that cannot be written (a shared read-only copy) opens for reads (``mode=ro``, or
 ``immutable=1`` when WAL's shared-memory file cannot be made); ``put_many`` then says so.
 A store in the former one-SQLite-table layout (``embeddings.sqlite``) is imported once on open
-and renamed ``embeddings.sqlite.migrated``.
+(``maintenance.import_legacy``) and renamed ``embeddings.sqlite.migrated``.
 """
 
 from __future__ import annotations
@@ -63,33 +72,22 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import sqlite3
-import time
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-FORMAT = 2
-INDEX_NAME = "index.sqlite"
-LEGACY_NAME = "embeddings.sqlite"
-_SHARD_RE = re.compile(r"^shard-(\d+)\.f(16|32)$")
-_IN_BATCH = 900  # keys per "WHERE key IN (...)" query
-_SCAN_CHUNK = 65536  # index rows per step of verify / gc / migration
-_INHERITED: list = []  # connections inherited through fork: never used nor closed in the child (SQLite's rule)
+from dewey_lab.data.store.index import IN_BATCH, INDEX_NAME, LEGACY_NAME, batched, connect, write_txn
+from dewey_lab.data.store.maintenance import import_legacy
+from dewey_lab.data.store.maintenance import verify as _verify
+from dewey_lab.data.store.shards import ShardGone, ShardWriter, fsync_dir, shard_name
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, shard INTEGER NOT NULL, row INTEGER NOT NULL,
-                                    crc INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY AUTOINCREMENT, rows INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('format', '2');
-INSERT OR IGNORE INTO meta VALUES ('count', '0');
-"""
+FORMAT = 2
+_INHERITED: list = []  # connections inherited through fork: never used nor closed in the child (SQLite's rule)
 
 
 def cache_key(fingerprint: str, text: str) -> bytes:
@@ -112,10 +110,6 @@ def _probe_write(path: Path) -> str | None:
     return None
 
 
-class _ShardGone(Exception):
-    """An index entry named a shard that gc has just replaced: look the keys up again."""
-
-
 class VectorStore:
     """Embedding store at ``path`` (a directory; see the module docstring for its layout).
 
@@ -134,7 +128,7 @@ class VectorStore:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OSError(f"cannot create teacher cache dir {self.dir} ({err.strerror}); "
-                          "set data.cache_dir to a writable directory") from err
+                          "set data.cache.dir to a writable directory") from err
         self.file = self.dir / INDEX_NAME
         self.shard_dir = self.dir / "shards"
         self.max_shard_bytes = int(max_shard_bytes)
@@ -151,7 +145,7 @@ class VectorStore:
                 raise PermissionError(self._ro_message(f"it holds {LEGACY_NAME} of the former layout, "
                                                        "which needs a one-time import"))
             self.shard_dir.mkdir(exist_ok=True)
-            self._migrate(legacy)
+            import_legacy(self, legacy)
         stored = self._meta("dtype")
         if stored is None and not self.read_only:
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('dtype', ?)", (dtype or "float32",))
@@ -159,11 +153,11 @@ class VectorStore:
         self._set_dtype(stored or dtype or "float32")
         if dtype is not None and self.dtype != dtype:
             raise ValueError(f"teacher cache {self.file} stores {self.dtype}, asked for {dtype}; "
-                             f"set data.cache_dtype: {self.dtype} or use another data.cache_dir")
+                             f"set data.cache.dtype: {self.dtype} or use another data.cache.dir")
         fmt = int(self._meta("format") or FORMAT)
         if fmt > FORMAT:
             raise ValueError(f"teacher cache {self.file} has format {fmt}, this dewey_lab reads up to {FORMAT}; "
-                             "upgrade dewey_lab or use another data.cache_dir")
+                             "upgrade dewey_lab or use another data.cache.dir")
         if not self.read_only:
             self.shard_dir.mkdir(exist_ok=True)
             self._trim_tails()
@@ -173,8 +167,13 @@ class VectorStore:
         self._np_dtype = np.dtype(name).newbyteorder("<")
 
     def _ro_message(self, why: str) -> str:
-        return (f"teacher cache {self.dir} is read-only: {why}; set data.cache_dir to a writable directory "
+        return (f"teacher cache {self.dir} is read-only: {why}; set data.cache.dir to a writable directory "
                 "(copy this one there to keep its vectors)")
+
+    def _read_only_error(self) -> PermissionError:
+        err = PermissionError(self._ro_message(self._ro_reason or "cannot create files in it"))
+        err.errno = errno.EACCES
+        return err
 
     # -- connection, per process ----------------------------------------------------------------
     @property
@@ -186,42 +185,8 @@ class VectorStore:
                 _INHERITED.append(self._conn)
             self._conn, self._own, self._pid = None, None, os.getpid()
         if self._conn is None:
-            self._conn = self._connect()
+            self._conn = connect(self.file, self.read_only)
         return self._conn
-
-    def _connect(self) -> sqlite3.Connection:
-        if not self.read_only:
-            conn = sqlite3.connect(self.file, timeout=60.0, isolation_level=None)
-            for attempt in range(50):  # switching to WAL needs a moment alone with a brand-new file
-                try:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError:
-                    if attempt == 49:
-                        raise
-                    time.sleep(0.1)
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: no corruption; shards are fsynced first
-            conn.execute("PRAGMA journal_size_limit=67108864")
-            conn.execute("PRAGMA cache_size=-65536")
-            conn.executescript(_SCHEMA)
-            return conn
-        if not self.file.exists():  # nothing stored yet, and nothing can be: an empty store
-            conn = sqlite3.connect(":memory:", isolation_level=None)
-            conn.executescript(_SCHEMA)
-            return conn
-        last: Exception | None = None
-        for query in ("?mode=ro", "?mode=ro&immutable=1"):  # immutable: WAL's -shm file cannot be created
-            conn = None
-            try:
-                conn = sqlite3.connect(self.file.resolve().as_uri() + query, uri=True, timeout=60.0,
-                                       isolation_level=None)
-                conn.execute("SELECT value FROM meta LIMIT 1").fetchall()
-                return conn
-            except sqlite3.OperationalError as err:
-                last = err
-                if conn is not None:
-                    conn.close()
-        raise OSError(f"cannot read teacher cache {self.file} ({last}); copy it to a writable directory")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -258,7 +223,7 @@ class VectorStore:
         return (dim if dim is not None else self.dim or 0) * self._np_dtype.itemsize
 
     def _shard_path(self, shard: int) -> Path:
-        return self.shard_dir / f"shard-{shard:06d}.f{self._np_dtype.itemsize * 8}"
+        return self.shard_dir / shard_name(shard, self._np_dtype.itemsize)
 
     def _shards(self) -> dict[int, int]:
         return dict(self.conn.execute("SELECT id, rows FROM shards"))
@@ -275,7 +240,7 @@ class VectorStore:
         uniq = list(dict.fromkeys(keys))
         found: set[bytes] = set()
         conn = self.conn
-        for batch in _batched(uniq, _IN_BATCH):
+        for batch in batched(uniq, IN_BATCH):
             q = f"SELECT key FROM vectors WHERE key IN ({','.join('?' * len(batch))})"
             found.update(r[0] for r in conn.execute(q, batch))
         return [k for k in uniq if k not in found]
@@ -285,7 +250,7 @@ class VectorStore:
         for attempt in range(5):
             try:
                 return self._gather(keys)
-            except _ShardGone as gone:  # gc swapped the index between our lookup and our read: again
+            except ShardGone as gone:  # gc swapped the index between our lookup and our read: again
                 self._maps.pop(gone.args[0], None)
                 if attempt == 4:
                     raise OSError(f"teacher cache {self.dir}: shard {gone.args[0]} named by the index is gone; "
@@ -295,7 +260,7 @@ class VectorStore:
     def _lookup(self, keys: list[bytes]) -> dict[bytes, tuple[int, int]]:
         loc: dict[bytes, tuple[int, int]] = {}
         conn = self.conn
-        for batch in _batched(keys, _IN_BATCH):
+        for batch in batched(keys, IN_BATCH):
             q = f"SELECT key, shard, row FROM vectors WHERE key IN ({','.join('?' * len(batch))})"
             loc.update((k, (s, r)) for k, s, r in conn.execute(q, batch))
         return loc
@@ -332,14 +297,14 @@ class VectorStore:
             return m
         row = self.conn.execute("SELECT rows FROM shards WHERE id=?", (shard,)).fetchone()
         if row is None:
-            raise _ShardGone(shard)
+            raise ShardGone(shard)
         if row[0] < need:
             raise OSError(f"teacher cache {self.dir}: index names row {need - 1} of shard {shard}, which commits "
                           f"{row[0]} rows; run `dewey-lab cache verify --repair {self.dir}`")
         try:
             m = np.memmap(self._shard_path(shard), dtype=self._np_dtype, mode="r", shape=(row[0], self.dim))
         except FileNotFoundError:
-            raise _ShardGone(shard) from None
+            raise ShardGone(shard) from None
         except ValueError as err:  # the file is shorter than its committed rows
             raise OSError(f"teacher cache {self.dir}: {self._shard_path(shard).name} is shorter than its "
                           f"{row[0]} committed rows ({err}); run `dewey-lab cache verify --repair {self.dir}`"
@@ -358,11 +323,9 @@ class VectorStore:
         dim = self.dim
         if dim is not None and vectors.shape[1] != dim:
             raise ValueError(f"teacher returned {vectors.shape[1]}-d vectors but cache {self.file} holds {dim}-d; "
-                             "a different teacher needs its own data.cache_dir")
+                             "a different teacher needs its own data.cache.dir")
         if self.read_only:
-            err = PermissionError(self._ro_message(self._ro_reason or "cannot create files in it"))
-            err.errno = errno.EACCES
-            raise err
+            raise self._read_only_error()
         if not len(keys):
             return
         with self._locked():
@@ -378,42 +341,21 @@ class VectorStore:
             return
         idx = [first[k] for k in new]
         block = np.ascontiguousarray(vectors[idx] if len(idx) < len(vectors) else vectors, dtype=self._np_dtype)
-        n, dim = block.shape
+        n, dim = block.shape  # (N, D)
         rb = self._rowbytes(dim)
         data = memoryview(block).cast("B")
         crcs = [zlib.crc32(data[i * rb:(i + 1) * rb]) for i in range(n)]
-        cap = max(1, self.max_shard_bytes // rb)
-        plan: list[tuple[int, int, int, int]] = []  # (shard, first row, block offset, count)
-        opened: list[tuple[int, int]] = []  # (fd, committed bytes) of each shard this block writes
+        writer = ShardWriter(self._shard_path, rb, self.max_shard_bytes, self._claim_shard, self._current_shard())
         try:
-            shard, rows = self._current_shard()
-            lo = 0
-            while lo < n:  # a fresh shard whenever this one is full
-                if rows >= cap:
-                    shard, rows = self._claim_shard()
-                take = min(n - lo, cap - rows)
-                plan.append((shard, rows, lo, take))
-                rows, lo = rows + take, lo + take
-            for shard, start, lo, take in plan:
-                fd = os.open(self._shard_path(shard), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                opened.append((fd, start * rb))
-                os.ftruncate(fd, start * rb)  # drop what a killed or failed write left past the commit
-                _write_all(fd, data[lo * rb:(lo + take) * rb], start * rb)
-                os.fsync(fd)  # durable before the index names it
-        except OSError as err:
-            for fd, size in opened:
-                try:
-                    os.ftruncate(fd, size)
-                except OSError:
-                    pass  # the next write or open truncates it
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            plan = writer.write(data)
+            writer.close()  # fsynced: durable before the index names it
+        except BaseException as err:
+            writer.abort()  # drop the rows past the commit (else the next write or open does)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._disk_full(err.strerror, n) from err
             raise
-        finally:
-            for fd, _ in opened:
-                os.close(fd)
         try:
-            with _write_txn(self.conn) as conn:
+            with write_txn(self.conn) as conn:
                 self._index(conn, new, crcs, plan, dim)
         except sqlite3.OperationalError as err:
             if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(err):
@@ -423,7 +365,7 @@ class VectorStore:
 
     def _disk_full(self, why: str | None, n: int) -> OSError:
         err = OSError(f"teacher cache {self.dir}: disk full while writing ({why}, {n} vectors of this block not "
-                      "stored); free space or move data.cache_dir; every vector committed before is kept")
+                      "stored); free space or move data.cache.dir; every vector committed before is kept")
         err.errno = errno.ENOSPC
         return err
 
@@ -434,7 +376,7 @@ class VectorStore:
             conn.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
         elif int(stored[0]) != dim:  # another process committed another size first
             raise ValueError(f"teacher returned {dim}-d vectors but cache {self.file} holds {stored[0]}-d; "
-                             "a different teacher needs its own data.cache_dir")
+                             "a different teacher needs its own data.cache.dir")
         inserted = conn.executemany(
             "INSERT OR IGNORE INTO vectors VALUES (?, ?, ?, ?)",
             ((new[lo + j], shard, start + j, crcs[lo + j])
@@ -443,23 +385,24 @@ class VectorStore:
             conn.execute("UPDATE shards SET rows=? WHERE id=?", (start + take, shard))
         conn.execute("UPDATE meta SET value=CAST(value AS INTEGER)+? WHERE name='count'", (inserted,))
 
-    def _current_shard(self) -> tuple[int, int]:
-        """(id, committed rows) of the shard this process appends to, claimed on first use."""
+    def _current_shard(self) -> tuple[int, int] | None:
+        """(id, committed rows) of the shard this process appends to; None before its first put."""
         conn = self.conn  # first: resets the shard a forked child inherited
         if self._own is not None:
             row = conn.execute("SELECT rows FROM shards WHERE id=?", (self._own,)).fetchone()
             if row is not None:
                 return self._own, row[0]
-        return self._claim_shard()  # first put, or gc replaced ours
+        return None  # first put, or gc replaced ours: the writer claims one
 
-    def _claim_shard(self) -> tuple[int, int]:
-        with _write_txn(self.conn) as conn:
+    def _claim_shard(self) -> int:
+        """A fresh shard of this process's own: its ``shards`` row committed, its file created empty."""
+        with write_txn(self.conn) as conn:
             shard = conn.execute("INSERT INTO shards (rows) VALUES (0)").lastrowid
         fd = os.open(self._shard_path(shard), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         os.close(fd)
-        _fsync_dir(self.shard_dir)
+        fsync_dir(self.shard_dir)
         self._own = shard
-        return shard, 0
+        return shard
 
     def _trim_tails(self) -> None:
         """Truncate every shard to its committed rows, if no put is in flight anywhere (else skip)."""
@@ -476,37 +419,7 @@ class VectorStore:
         except BlockingIOError:
             pass
 
-    # -- legacy import ------------------------------------------------------------------------
-    def _migrate(self, legacy: Path) -> None:
-        """Import the former one-table store, block by block (resumable), then rename it."""
-        with self._locked(exclusive=True):
-            if not legacy.exists():  # another process imported it while we waited
-                return
-            src = sqlite3.connect(legacy, timeout=60.0)
-            try:
-                meta = dict(src.execute("SELECT name, value FROM meta"))
-                old = meta.get("dtype", "float32")
-                ours = self._meta("dtype")
-                if ours is None:
-                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('dtype', ?)", (old,))
-                elif ours != old:
-                    raise ValueError(f"teacher cache {self.dir}: {LEGACY_NAME} stores {old} but {INDEX_NAME} holds "
-                                     f"{ours}; move one of them to another data.cache_dir")
-                self._set_dtype(old)
-                last = b""
-                while True:
-                    rows = src.execute("SELECT key, vec FROM vectors WHERE key > ? ORDER BY key LIMIT ?",
-                                       (last, _SCAN_CHUNK // 16)).fetchall()
-                    if not rows:
-                        break
-                    vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=self._np_dtype).reshape(len(rows), -1)
-                    self._append([r[0] for r in rows], vecs)
-                    last = rows[-1][0]
-            finally:
-                src.close()
-            os.replace(legacy, legacy.with_name(LEGACY_NAME + ".migrated"))
-
-    # -- maintenance --------------------------------------------------------------------------
+    # -- size ---------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Counts and sizes: vectors, shards, bytes, unreferenced rows, bytes per vector."""
         shards = self._shards()
@@ -529,205 +442,6 @@ class VectorStore:
                 "bytes_per_vector": round((shard_bytes + index_bytes) / n, 1) if n else None,
                 "read_only": self.read_only}
 
-    def _scan(self, step: int = _SCAN_CHUNK) -> Iterator[list[tuple[bytes, int, int, int]]]:
-        """The index in key order, in chunks of ``step`` (key, shard, row, crc)."""
-        last = b""
-        while True:
-            rows = self.conn.execute("SELECT key, shard, row, crc FROM vectors WHERE key > ? ORDER BY key LIMIT ?",
-                                     (last, step)).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield rows
-
-    def merge(self, other: VectorStore, block: int = 8192) -> dict:
-        """Copy every vector of ``other`` that this cache lacks (e.g. caches filled on different
-        nodes, since SQLite's WAL cannot be shared over a network filesystem). Block by block,
-        each block one commit, so a killed merge resumes where it stopped."""
-        if other.dim is not None and self.dim is not None and other.dim != self.dim:
-            raise ValueError(f"cannot merge {other.dir} ({other.dim}-d) into {self.dir} ({self.dim}-d): "
-                             "different teachers need different caches")
-        copied = seen = 0
-        for chunk in other._scan(block):
-            keys = [row[0] for row in chunk]
-            seen += len(keys)
-            new = self.missing(keys)
-            if new:
-                self.put_many(new, other.get_many(new))
-                copied += len(new)
-        return {"source_vectors": seen, "copied": copied, "already_here": seen - copied, "vectors": len(self)}
-
     def verify(self, repair: bool = False) -> dict:
-        """Check every index entry against its shard: committed row, file long enough, crc32 of its bytes.
-
-        ``repair=True`` deletes the bad entries (so ``missing`` reports them and the next fill recomputes
-        them) and corrects the stored vector count.
-        """
-        if repair and self.read_only:
-            raise PermissionError(self._ro_message(self._ro_reason or "cannot create files in it"))
-        with (self._locked() if not self.read_only else nullcontext()):  # no gc meanwhile
-            rb, dim = self._rowbytes(), self.dim
-            shards = self._shards()
-            maps: dict[int, np.ndarray] = {}  # shard -> its committed rows that the file holds
-            counts = {"checked": 0, "bad_crc": 0, "past_committed": 0, "no_shard": 0, "short_file": 0}
-            bad: list[tuple[bytes, int, int]] = []
-            for chunk in self._scan():
-                chunk.sort(key=lambda e: (e[1], e[2]))  # file order within the chunk
-                for key, shard, row, crc in chunk:
-                    counts["checked"] += 1
-                    if shards.get(shard, -1) <= row:  # maybe committed after we listed shards
-                        shards = self._shards()
-                    m = maps.get(shard)
-                    if shard in shards and row < shards[shard] and (m is None or row >= len(m)):
-                        path = self._shard_path(shard)
-                        size = path.stat().st_size if path.exists() else 0
-                        rows = min(shards[shard], size // rb)
-                        m = maps[shard] = (np.memmap(path, dtype=self._np_dtype, mode="r", shape=(rows, dim))
-                                           if rows else np.empty((0, dim), self._np_dtype))
-                    if shard not in shards:
-                        why = "no_shard"
-                    elif row >= shards[shard]:
-                        why = "past_committed"
-                    elif row >= len(m):
-                        why = "short_file"
-                    elif zlib.crc32(m[row]) != crc:
-                        why = "bad_crc"
-                    else:
-                        continue
-                    counts[why] += 1
-                    bad.append((key, shard, row))
-            conn = self.conn
-            conn.execute("BEGIN")  # one snapshot for both counts
-            stored, actual = len(self), conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
-            conn.execute("COMMIT")
-            out = {**counts, "bad": len(bad), "bad_keys": [k.hex() for k, _, _ in bad[:10]],
-                   "count_ok": stored == actual, "repaired": 0}
-            if repair and (bad or stored != actual):
-                with _write_txn(conn):
-                    out["repaired"] = conn.executemany("DELETE FROM vectors WHERE key=? AND shard=? AND row=?",
-                                                       bad).rowcount
-                    conn.execute("UPDATE meta SET value=(SELECT COUNT(*) FROM vectors) WHERE name='count'")
-            return out
-
-    def gc(self) -> dict:
-        """Compact: copy every referenced row into fresh shards, swap the index in one transaction,
-        delete the old shard files. Holds the lock alone: writers wait, readers go on."""
-        if self.read_only:
-            raise PermissionError(self._ro_message(self._ro_reason or "cannot create files in it"))
-        t0 = time.perf_counter()
-        with self._locked(exclusive=True):
-            before = self.stats()
-            conn, dim = self.conn, self.dim
-            old = self._shards()
-            rb = self._rowbytes()
-            cap = max(1, self.max_shard_bytes // rb) if rb else 1
-            n = before["vectors"]
-            orphans = self._orphan_files(old)
-            needed = -(-n // cap)
-            if before["unreferenced_rows"] == 0 and len(old) <= needed and not orphans and dim is not None:
-                return {**_gc_result(before, before, t0), "compacted": False}
-            new: dict[int, int] = {}
-            shard, fd, rows = None, -1, cap
-            step = max(1024, min(_SCAN_CHUNK, (64 << 20) // max(rb, 1)))  # ~64 MB of rows in memory at a time
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for chunk in self._scan(step) if dim is not None else ():
-                    pos = np.array([(s, r) for _, s, r, _ in chunk], dtype=np.int64)
-                    buf = np.empty((len(chunk), dim), dtype=self._np_dtype)
-                    try:
-                        self._read_rows(pos[:, 0], pos[:, 1], buf)
-                    except _ShardGone as gone:
-                        raise OSError(f"teacher cache {self.dir}: shard {gone.args[0]} named by the index is gone; "
-                                      f"run `dewey-lab cache verify --repair {self.dir}` before gc") from None
-                    data = memoryview(buf).cast("B")
-                    moves, lo = [], 0
-                    while lo < len(chunk):
-                        if rows >= cap:
-                            if fd >= 0:
-                                os.fsync(fd)
-                                os.close(fd)
-                                fd = -1
-                            shard = conn.execute("INSERT INTO shards (rows) VALUES (0)").lastrowid
-                            fd = os.open(self._shard_path(shard), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                         0o644)
-                            rows = 0
-                        take = min(len(chunk) - lo, cap - rows)
-                        _write_all(fd, data[lo * rb:(lo + take) * rb], rows * rb)
-                        moves.extend((shard, rows + j, chunk[lo + j][0]) for j in range(take))
-                        rows, lo = rows + take, lo + take
-                        new[shard] = rows
-                    conn.executemany("UPDATE vectors SET shard=?, row=? WHERE key=?", moves)
-                if fd >= 0:
-                    os.fsync(fd)
-                    os.close(fd)
-                    fd = -1
-                _fsync_dir(self.shard_dir)
-                for shard, rows in new.items():
-                    conn.execute("UPDATE shards SET rows=? WHERE id=?", (rows, shard))
-                conn.executemany("DELETE FROM shards WHERE id=?", ((s,) for s in old))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if fd >= 0:
-                    os.close(fd)
-                for shard in new:  # their ids went back with the rollback
-                    self._shard_path(shard).unlink(missing_ok=True)
-                raise
-            for shard in old:
-                self._shard_path(shard).unlink(missing_ok=True)
-            for path in self._orphan_files(new):
-                path.unlink(missing_ok=True)
-            _fsync_dir(self.shard_dir)
-            self._maps = {}
-            self._own = None
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return {**_gc_result(before, self.stats(), t0), "compacted": True}
-
-    def _orphan_files(self, shards: dict[int, int]) -> list[Path]:
-        """Shard files no ``shards`` row names (a gc killed after its commit, or before it)."""
-        out = []
-        for path in self.shard_dir.iterdir() if self.shard_dir.exists() else ():
-            m = _SHARD_RE.match(path.name)
-            if m and int(m.group(1)) not in shards:
-                out.append(path)
-        return out
-
-
-def _gc_result(before: dict, after: dict, t0: float) -> dict:
-    return {"vectors": after["vectors"], "shards_before": before["shards"], "shards_after": after["shards"],
-            "bytes_before": before["shard_bytes"] + before["index_bytes"],
-            "bytes_after": after["shard_bytes"] + after["index_bytes"],
-            "rows_dropped": before["shard_rows"] - after["shard_rows"], "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _write_txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (unless SQLite already did)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _batched(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+        """``maintenance.verify`` (kept as a method: callers check a store with ``store.verify()``)."""
+        return _verify(self, repair=repair)

@@ -37,7 +37,6 @@ YAML (``class_path: dewey_lab.eval.extension.methods.NTK``, ``init_args: {factor
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import inspect
 import math
@@ -47,12 +46,9 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dewey_lab.eval.embedder import uses_rope
-from dewey_lab.model.attention import BANDED
+from dewey_lab.eval.extension.scaling import scaled_attention
 
 POSITION_OFFSET = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}  # positions start at pad_id + 1
 
@@ -407,44 +403,3 @@ def _global_rope(model, change):
     finally:
         setattr(rotary, inv_attr, old_inv)
         setattr(rotary, scale_attr, old_scale)
-
-
-# -- attention scaling --------------------------------------------------------------------------
-_SCALE: contextvars.ContextVar[tuple[str, Tensor]] = contextvars.ContextVar("dewey_attention_scale")
-SCALED = "dewey_scaled"
-
-
-def length_scale(lengths: Tensor, original: int) -> Tensor:
-    """(B,) max(1, log L / log L_o) for each sequence's own length L."""
-    return (torch.log(lengths.double().clamp_min(1)) / math.log(original)).clamp_min(1.0).float()
-
-
-def _scaled_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    base, factor = _SCALE.get()  # factor: (B,) one per sequence
-    if getattr(module, "sliding_window", None) is None:  # ModernBERT's local layers keep their scale
-        # logits x f_b for row b: scaling the queries of row b by f_b is the same thing
-        query = query * factor.to(query.device, query.dtype).view(-1, 1, 1, 1)
-    return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-AttentionInterface.register(SCALED, _scaled_attention)
-# transformers builds no mask at all for an attention name it has no mask function for
-AttentionMaskInterface.register(SCALED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-@contextmanager
-def scaled_attention(model, lengths: Tensor, original: int):
-    """Attention logits x max(1, log L / log L_o) inside the block, L each row's own length in
-    ``lengths`` (B,) (sdpa-family backends). The reference (its BERT path) does the same per sequence."""
-    config = model.config
-    base = config._attn_implementation
-    if base not in ("sdpa", BANDED):
-        raise ValueError(f"attention_scaling needs the sdpa attention backend, not {base}; "
-                         "load the model with attn_implementation sdpa")
-    token = _SCALE.set((base, length_scale(torch.as_tensor(lengths).reshape(-1), original)))
-    config._attn_implementation = SCALED
-    try:
-        yield
-    finally:
-        config._attn_implementation = base
-        _SCALE.reset(token)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dewey_lab.eval.extension.scaling import _SCALE
+
 
 def relative_positions(length: int, g: int, w: int) -> Tensor:
     """(L, L) effective key-minus-query distance d(i, j) that SelfExtend gives query i and key j."""
@@ -64,8 +66,6 @@ def _attend(logits: Tensor, v: Tensor, attention_mask: Tensor | None, scaling: f
 
     ``attention_mask``: None, a flash-style (B, L) padding mask (keys only), a boolean mask (True: attend)
     or an additive one; ``causal`` also hides keys after the query (decoders)."""
-    from dewey_lab.eval.extension.methods import _SCALE
-
     scaled = _SCALE.get(None)  # Extension(attention_scaling=True) is active: (B,) factors, one per sequence
     factor = scaled[1].to(logits.device).view(-1, 1, 1, 1) if scaled else 1.0
     logits = logits.float() * scaling * factor

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dewey_lab.data.corpus import PydocCorpus
+from dewey_lab.data.pydoc import PydocCorpus
 from dewey_lab.eval.tasks.needles import NEEDLES
 from dewey_lab.eval.tasks.task import RetrievalTask
 

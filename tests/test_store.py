@@ -1,16 +1,19 @@
-"""The teacher cache returns exactly what it stored and survives a writer killed mid-write."""
+"""The vector store returns exactly what it stored, keeps its on-disk format, and survives a writer
+killed mid-write, concurrent writers, a read-only directory and a full disk."""
 
 import os
-import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import numpy as np
 import pytest
 
+from dewey_lab.data.store.maintenance import gc, verify
 from dewey_lab.data.store.vectors import VectorStore, cache_key
 
 
@@ -37,13 +40,47 @@ def test_float16_storage_and_dtype_guard(tmp_path):
     vecs = _vecs(4)
     cache.put_many(keys, vecs)
     np.testing.assert_array_equal(cache.get_many(keys), vecs.astype(np.float16).astype(np.float32))
-    with pytest.raises(ValueError, match="cache_dtype: float16"):
+    with pytest.raises(ValueError, match="cache.dtype: float16"):
         VectorStore(tmp_path, dtype="float32")
 
 
 def test_key_covers_teacher_and_text():
     assert cache_key("a", "x") == cache_key("a", "x")
     assert len({cache_key("a", "x"), cache_key("b", "x"), cache_key("a", "y"), cache_key("a|", "x")}) == 4
+
+
+def test_on_disk_format_2_written_by_hand_reads_back_and_put_many_writes_it(tmp_path):
+    """Format 2 from its definition (module docstring): an index.sqlite with meta / vectors / shards and
+    raw little-endian shard rows. A store written by hand reads back; what put_many writes is that layout."""
+    d, (k0, k1, k2) = 6, _keys(3)
+    rows = np.arange(3 * d, dtype="<f2").reshape(3, d) / 4  # exact in float16
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000007.f16").write_bytes(rows.tobytes() + b"\xff" * 5)  # a torn tail
+    con = sqlite3.connect(tmp_path / "index.sqlite")
+    con.executescript("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                      "CREATE TABLE vectors (key BLOB PRIMARY KEY, shard INTEGER NOT NULL, row INTEGER NOT NULL, "
+                      "crc INTEGER NOT NULL) WITHOUT ROWID;"
+                      "CREATE TABLE shards (id INTEGER PRIMARY KEY AUTOINCREMENT, rows INTEGER NOT NULL);"
+                      "INSERT INTO meta VALUES ('format', '2'), ('count', '2'), ('dtype', 'float16'), ('dim', '6');"
+                      "INSERT INTO shards VALUES (7, 3);")  # row 1 committed but no key points to it
+    con.executemany("INSERT INTO vectors VALUES (?, 7, ?, ?)",
+                    [(k0, 2, zlib.crc32(rows[2].tobytes())), (k1, 0, zlib.crc32(rows[0].tobytes()))])
+    con.commit()
+    con.close()
+    cache = VectorStore(tmp_path, dtype="float16")
+    np.testing.assert_array_equal(cache.get_many([k0, k1]), rows[[2, 0]].astype(np.float32))
+    assert len(cache) == 2 and cache.dim == d and cache.missing([k0, k1, k2]) == [k2]
+    assert (tmp_path / "shards" / "shard-000007.f16").stat().st_size == 3 * d * 2  # opening cut the tail
+    assert verify(cache)["bad"] == 0
+    new = np.full((1, d), 1.5, dtype=np.float32)
+    cache.put_many([k2], new)  # a new writer: a shard of its own, id 8, row 0
+    assert (tmp_path / "shards" / "shard-000008.f16").read_bytes() == new.astype("<f2").tobytes()
+    con = sqlite3.connect(tmp_path / "index.sqlite")
+    assert con.execute("SELECT shard, row, crc FROM vectors WHERE key=?", (k2,)).fetchone() == (
+        8, 0, zlib.crc32(new.astype("<f2").tobytes()))
+    assert dict(con.execute("SELECT id, rows FROM shards")) == {7: 3, 8: 1}
+    assert dict(con.execute("SELECT name, value FROM meta"))["count"] == "3"
+    con.close()
 
 
 def test_bad_writes_are_refused(tmp_path):
@@ -91,7 +128,7 @@ def test_survives_writer_killed_mid_write(tmp_path):
     # and a fresh writer continues after the crash, in a shard of its own
     cache.put_many([cache_key("t", "after")], np.ones((1, 32), np.float32))
     assert len(cache) == n + 1 and cache.stats()["shards"] == 2
-    assert cache.verify()["bad"] == 0
+    assert cache.verify()["bad"] == 0  # the method, as callers outside the store use it
 
 
 def _keys(n, start=0, prefix="t"):
@@ -125,7 +162,7 @@ def test_shard_rollover_reads_back_exactly(tmp_path):
     files = sorted((tmp_path / "shards").iterdir())
     assert len(files) == 10 and all(f.stat().st_size <= 10 * rb for f in files)
     np.testing.assert_array_equal(VectorStore(tmp_path).get_many(keys[::-1]), vecs[::-1])
-    assert cache.stats()["unreferenced_rows"] == 0 and cache.verify()["bad"] == 0
+    assert cache.stats()["unreferenced_rows"] == 0 and verify(cache)["bad"] == 0
 
 
 def test_duplicate_keys_in_a_block_keep_the_first_vector(tmp_path):
@@ -172,73 +209,9 @@ def test_concurrent_writers_with_overlapping_keys(tmp_path):
     assert len(cache) == total and cache.missing(keys) == []
     assert cache.conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == total  # every key once
     np.testing.assert_array_equal(cache.get_many(keys), _race_vec(np.arange(total)))
-    report = cache.verify()
+    report = verify(cache)
     assert report["bad"] == 0 and report["checked"] == total and report["count_ok"]
     assert cache.stats()["shards"] == 3  # one per writer: no two processes appended to one file
-
-
-def test_verify_finds_a_flipped_byte_and_repair_drops_it(tmp_path):
-    cache = VectorStore(tmp_path)
-    keys, vecs = _keys(20), _vecs(20)
-    cache.put_many(keys, vecs)
-    assert cache.verify() == {**cache.verify(), "bad": 0, "bad_crc": 0}
-    shard = tmp_path / "shards" / "shard-000001.f32"
-    raw = bytearray(shard.read_bytes())
-    raw[7 * 32 + 5] ^= 0x10  # row 7
-    shard.write_bytes(raw)
-    report = VectorStore(tmp_path).verify()
-    assert report["bad"] == report["bad_crc"] == 1 and report["bad_keys"] == [keys[7].hex()]
-    assert report["repaired"] == 0 and cache.missing(keys) == []  # reporting only changes nothing
-    fixed = cache.verify(repair=True)
-    assert fixed["repaired"] == 1 and cache.missing(keys) == [keys[7]] and len(cache) == 19
-    cache.put_many([keys[7]], vecs[7:8])  # the next fill recomputes it
-    np.testing.assert_array_equal(cache.get_many(keys), vecs)
-    assert cache.verify()["bad"] == 0 and cache.stats()["unreferenced_rows"] == 1
-
-
-def test_gc_after_a_race_compacts_and_keeps_every_vector(tmp_path):
-    total = _race(tmp_path, procs=2, n=600, block=40, max_shard_bytes=100 * 64)
-    a = VectorStore(tmp_path, max_shard_bytes=100 * 64)
-    keys = [cache_key("race", str(i)) for i in range(total)]
-    a.get_many(keys)  # maps the old shards: they must keep working for this reader
-    b = VectorStore(tmp_path, max_shard_bytes=100 * 64)
-    b.missing = lambda ks: list(dict.fromkeys(ks))  # a writer that lost every race: all its rows unreferenced
-    b.put_many(keys[:250], _race_vec(np.arange(250)))
-    before = a.stats()
-    assert before["unreferenced_rows"] >= 250 and before["vectors"] == total
-    old = set((tmp_path / "shards").iterdir())
-    result = a.gc()
-    after = a.stats()
-    assert result["compacted"] and after["unreferenced_rows"] == 0 and after["vectors"] == total
-    assert after["shard_bytes"] == total * 64 and result["bytes_after"] <= result["bytes_before"]
-    assert after["shards"] == -(-total // 100) and not old & set((tmp_path / "shards").iterdir())
-    for reader in (a, b, VectorStore(tmp_path)):
-        np.testing.assert_array_equal(reader.get_many(keys), _race_vec(np.arange(total)))
-    assert a.verify()["bad"] == 0
-    b.missing = VectorStore.missing.__get__(b)
-    b.put_many([cache_key("race", "new")], np.ones((1, 16), np.float32))  # its shard is gone: it claims another
-    assert len(a) == total + 1 and a.verify()["bad"] == 0
-    np.testing.assert_array_equal(a.get_many([cache_key("race", "new")]), np.ones((1, 16), np.float32))
-
-
-def test_legacy_store_is_imported_once(tmp_path):
-    import sqlite3
-
-    keys, vecs = _keys(300), _vecs(300).astype(np.float16)
-    con = sqlite3.connect(tmp_path / "embeddings.sqlite")
-    con.executescript("CREATE TABLE vectors (key BLOB PRIMARY KEY, vec BLOB NOT NULL) WITHOUT ROWID;"
-                      "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                      "INSERT INTO meta VALUES ('dtype', 'float16'), ('dim', '8');")
-    con.executemany("INSERT INTO vectors VALUES (?, ?)", [(k, v.tobytes()) for k, v in zip(keys, vecs)])
-    con.commit()
-    con.close()
-    with pytest.raises(ValueError, match="cache_dtype: float16"):  # imported, then the dtype guard speaks
-        VectorStore(tmp_path, dtype="float32")
-    cache = VectorStore(tmp_path, dtype="float16")
-    assert not (tmp_path / "embeddings.sqlite").exists() and (tmp_path / "embeddings.sqlite.migrated").exists()
-    assert len(cache) == 300 and cache.dim == 8
-    np.testing.assert_array_equal(cache.get_many(keys), vecs.astype(np.float32))
-    assert cache.verify()["bad"] == 0 and cache.stats()["shard_rows"] == 300
 
 
 def _fill_and_close(path, n=10):
@@ -251,13 +224,11 @@ def _fill_and_close(path, n=10):
 
 @pytest.mark.parametrize("wal_shm_writable", [True, False])
 def test_read_only_directory_reads_and_refuses_writes(tmp_path, monkeypatch, wal_shm_writable):
-    import sqlite3
-
-    from dewey_lab.data.store import vectors as teacher_cache
+    from dewey_lab.data.store import vectors
 
     keys, vecs = _fill_and_close(tmp_path)
     # root writes through any mode bits, so the probe says what a read-only mount would say
-    monkeypatch.setattr(teacher_cache, "_probe_write", lambda path: "Read-only file system")
+    monkeypatch.setattr(vectors, "_probe_write", lambda path: "Read-only file system")
     if not wal_shm_writable:  # mode=ro cannot make WAL's -shm file: the immutable=1 fallback reads
         connect = sqlite3.connect
 
@@ -265,17 +236,17 @@ def test_read_only_directory_reads_and_refuses_writes(tmp_path, monkeypatch, wal
             if "mode=ro" in str(database) and "immutable" not in str(database):
                 raise sqlite3.OperationalError("unable to open database file")
             return connect(database, *a, **kw)
-        monkeypatch.setattr(teacher_cache.sqlite3, "connect", no_shm)
+        monkeypatch.setattr(sqlite3, "connect", no_shm)
     cache = VectorStore(tmp_path)
     assert cache.read_only and len(cache) == 10
     np.testing.assert_array_equal(cache.get_many(keys), vecs)
     assert cache.missing(keys + [b"x" * 32]) == [b"x" * 32]
-    with pytest.raises(PermissionError, match=r"is read-only: Read-only file system; set data.cache_dir to a "
+    with pytest.raises(PermissionError, match=r"is read-only: Read-only file system; set data.cache.dir to a "
                                               r"writable directory \(copy this one there"):
         cache.put_many([b"x" * 32], _vecs(1))
     with pytest.raises(PermissionError):
-        cache.gc()
-    assert cache.verify()["bad"] == 0
+        gc(cache)
+    assert verify(cache)["bad"] == 0
 
 
 def test_read_only_directory_with_chmod(tmp_path):
@@ -300,7 +271,6 @@ def test_read_only_directory_with_chmod(tmp_path):
 
 def test_disk_full_keeps_what_was_committed(tmp_path, monkeypatch):
     import errno
-    import sqlite3
 
     cache = VectorStore(tmp_path)
     keys, vecs = _keys(300), _vecs(300)
@@ -312,7 +282,7 @@ def test_disk_full_keeps_what_was_committed(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match=r"disk full while writing \(No space left on device.*free space or move "
-                                      r"data.cache_dir; every vector committed before is kept") as err:
+                                      r"data.cache.dir; every vector committed before is kept") as err:
         cache.put_many(keys[100:200], vecs[100:200])
     assert err.value.errno == errno.ENOSPC and "\n" not in str(err.value)
     monkeypatch.undo()
@@ -333,7 +303,7 @@ def test_disk_full_keeps_what_was_committed(tmp_path, monkeypatch):
     assert len(again) == 100 and shard.stat().st_size == 200 * 32  # rows past the commit: never read
     cache.put_many(keys[100:], vecs[100:])  # space is back: the writer carries on, over that tail
     np.testing.assert_array_equal(again.get_many(keys), vecs)
-    assert again.verify()["bad"] == 0 and again.stats()["unreferenced_rows"] == 0
+    assert verify(again)["bad"] == 0 and again.stats()["unreferenced_rows"] == 0
     assert shard.stat().st_size == 300 * 32
 
 
@@ -352,54 +322,4 @@ def test_pickled_into_a_worker_and_forked(tmp_path):
     p.join(30)
     assert p.exitcode == 0
     np.testing.assert_array_equal(cache.get_many(keys), vecs)
-    assert cache.stats()["shards"] == 2 and cache.verify()["bad"] == 0
-
-
-def test_cache_command(tmp_path, capsys):
-    import json
-
-    from dewey_lab.data.store.cli import main
-
-    _fill_and_close(tmp_path)
-    main(["stats", str(tmp_path), "--json"])
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["vectors"] == 10 and stats["dtype"] == "float32" and stats["unreferenced_rows"] == 0
-    main(["verify", str(tmp_path)])
-    assert re.search(r"bad\s+0", capsys.readouterr().out)
-    main(["gc", str(tmp_path)])
-    assert re.search(r"compacted\s+False", capsys.readouterr().out)
-    shard = tmp_path / "shards" / "shard-000001.f32"
-    shard.write_bytes(b"\0" * shard.stat().st_size)
-    with pytest.raises(SystemExit) as exit_:
-        main(["verify", str(tmp_path)])
-    assert exit_.value.code == 1
-    main(["verify", str(tmp_path), "--repair", "--json"])
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["repaired"] == 10
-    with pytest.raises(FileNotFoundError, match="no teacher cache"):
-        main(["stats", str(tmp_path / "nothing")])
-
-
-def test_merge_copies_what_is_missing_and_is_idempotent(tmp_path):
-    """Caches filled on different nodes merge into one: every vector once, exact, the second merge a no-op."""
-    from dewey_lab.data.store.cli import main as cache_main
-
-    a, b = VectorStore(tmp_path / "a", dtype="float16"), VectorStore(tmp_path / "b", dtype="float16")
-    keys = [cache_key("t", str(i)) for i in range(300)]
-    vecs = _vecs(300)
-    a.put_many(keys[:200], vecs[:200])
-    b.put_many(keys[100:], vecs[100:])  # 100 keys in both
-    a.close()
-    b.close()
-    cache_main(["merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b")])
-    merged = VectorStore(tmp_path / "all", dtype=None)
-    assert merged.dtype == "float16" and len(merged) == 300 and merged.verify()["bad"] == 0
-    np.testing.assert_array_equal(merged.get_many(keys), vecs.astype(np.float16).astype(np.float32))
-    assert merged.merge(VectorStore(tmp_path / "b", dtype=None))["copied"] == 0
-    with pytest.raises(ValueError, match="different teachers"):
-        merged.merge(_filled(tmp_path / "other", d=16))
-
-
-def _filled(path, d):
-    c = VectorStore(path, dtype="float16")
-    c.put_many([cache_key("u", "x")], _vecs(1, d=d))
-    return c
+    assert cache.stats()["shards"] == 2 and verify(cache)["bad"] == 0
