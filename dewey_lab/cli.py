@@ -142,6 +142,8 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     command = list(argv)  # as typed (before a sweep variant's overrides are spelled out): the resume hint's
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass argv on purpose
+    # lightning 2.6's CombinedLoader builds torch's LeafSpec, deprecated since torch 2.13: not ours to fix
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
     sub_kwargs = {"default_config_files": defaults, "exit_on_error": False}
     parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}

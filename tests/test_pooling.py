@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from dewey_lab.model.pooling import AttentionPooling, LastTokenPooling, MeanPooling, PoolingHead
 from dewey_lab.resolve import OFFLINE_TEACHER
 from dewey_lab.runs.checkpoint import peek_checkpoint
+from tests.test_cli import _error_line
 
 TEXTS = ["The grass is green.", "What is the pass key for Ana Lee?", "a longer passage about tokens " * 8]
 
@@ -177,17 +178,6 @@ def test_old_checkpoints_and_resumes(student_ckpt, attention_ckpt, tmp_path):
     record = peek_checkpoint(attention_ckpt[0])
     with pytest.raises(ValueError, match="the checkpoint trained model.whole_pooling .*AttentionPooling"):
         module.on_load_checkpoint(record)
-
-
-def _error_line(capsys, argv) -> str:
-    from dewey_lab.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1
-    return err[0]
 
 
 def test_bad_pooling_and_export_of_attention_are_one_line(attention_ckpt, student_ckpt, tmp_path, capsys):
