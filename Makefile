@@ -3,8 +3,9 @@
 SHELL := /bin/bash
 
 EXP ?= tiny
-# a study (theta_ablation, ...) runs on the tiny CPU scale unless SCALE= (empty) or SCALE=dewey
-SCALE ?= $(if $(filter tiny dewey,$(EXP)),,tiny)
+# a study (theta_ablation, ...) runs on the scale its first line names (`# scale: small`), else on the
+# tiny CPU scale; SCALE= (empty) or SCALE=dewey overrides it
+SCALE ?= $(if $(filter tiny small dewey,$(EXP)),,$(or $(shell sed -n '1s/^\# scale: *//p' experiments/$(EXP).yaml 2>/dev/null),tiny))
 # VARIANT=k runs only variant k of a study's sweep (dewey-lab sweep --print lists them)
 VARIANT ?=
 # make test's pytest-xdist workers (2: this project's CI machine has 2 cores; 0 runs in one process)

@@ -14,6 +14,7 @@ still going. The sets are generated once (same documents at every check) in the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -25,8 +26,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.retrieval import DenseRetriever
+from dewey_lab.eval.stats import per_query as per_query_metrics
 from dewey_lab.eval.tasks.task import RetrievalTask
 from dewey_lab.model.pooling import PoolingHead
+from dewey_lab.runs.compare import PER_QUERY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class PasskeyCallback(L.Callback):
         self._tasks: list[RetrievalTask] | None = None
         self._tokenizer = None
         self._last_step = -1
+        self._hashes: dict[str, str] = {}  # task label -> set hash (passkey_last.json)
         self.history: dict[str, dict[int, dict[int, float]]] = {}  # "passkey_single" -> step -> length -> acc
 
     # -- when ---------------------------------------------------------------------------------------
@@ -124,12 +128,18 @@ class PasskeyCallback(L.Callback):
         embedder = self.embedder(pl_module)
         retriever = DenseRetriever(embedder, self.modes, cache_dir=None, progress=False)
         scalars: dict[str, float] = {}
+        per_query: dict = {}  # task -> mode -> length -> {"qids", "correct"}: passkey_last.json
         for task in self.generated(embedder.tokenizer):
             for mode, scores in retriever.score(task).items():
-                acc = retrieval_metrics(scores, list(task.judged_queries()), list(task.corpus), task.qrels)["ndcg@1"]
+                qids = list(task.judged_queries())
+                acc = retrieval_metrics(scores, qids, list(task.corpus), task.qrels)["ndcg@1"]
                 suffix = "" if mode == "single" else f"_{mode}"
                 scalars[f"val/{task.name}{suffix}@{task.length}"] = acc
                 self.history.setdefault(f"{task.name}_{mode}", {}).setdefault(step, {})[task.length] = acc
+                correct = per_query_metrics(scores, qids, list(task.corpus), task.qrels)["ndcg@1"]  # (Q,) 0 / 1
+                per_query.setdefault(task.name, {}).setdefault(mode, {})[str(task.length)] = {
+                    "qids": qids, "correct": [int(c) for c in correct], "set": self._set_hash(task)}
+        self._write_per_query(trainer, step, per_query)
         for key, per_step in self.history.items():
             name, mode = key.rsplit("_", 1)
             suffix = "" if mode == "single" else f"_{mode}"
@@ -141,6 +151,30 @@ class PasskeyCallback(L.Callback):
                     trainer.logger.experiment.add_figure(f"val/{key}_map", self.heatmap(key), step)
         log.info("step %d: %s", step, ", ".join(f"{k.removeprefix('val/')}={v:.2f}" for k, v in scalars.items()))
         return scalars
+
+    def _set_hash(self, task: RetrievalTask) -> str:
+        """A short hash of a generated set's queries, documents and judgements: equal hashes, same queries."""
+        if task.label not in self._hashes:
+            import hashlib
+
+            text = json.dumps([task.queries, task.corpus, task.qrels], sort_keys=True)
+            self._hashes[task.label] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._hashes[task.label]
+
+    def _write_per_query(self, trainer: L.Trainer, step: int, results: dict) -> None:
+        """``passkey_last.json`` next to ``run_info.json``: each query's Acc@1 at this (so finally the last)
+        check, which ``make compare`` bootstraps and pairs across variants (the sets are seeded, so every
+        variant with the same tokenizer, seed, lengths and sizes scores the same queries; ``set`` checks it)."""
+        log_dir = getattr(trainer.logger, "log_dir", None)  # the logger's own: trainer.log_dir broadcasts
+        if not log_dir:
+            return
+        from pathlib import Path
+
+        from dewey_lab.files import atomic_write
+
+        payload = {"step": step, "seed": self.seed, "n_queries": self.n_queries, "n_docs": self.n_docs,
+                   "results": results}
+        atomic_write(Path(log_dir) / PER_QUERY_FILE, json.dumps(payload) + "\n")
 
     def heatmap(self, key: str):
         """Figure: rows = lengths (short at the bottom), columns = checked steps, cells = Acc@1."""
@@ -203,6 +237,7 @@ class RunInfo(L.Callback):
             stats = getattr(dm, "fill_stats", None)
             if stats is not None:
                 data["teacher_cache_hit_rate"] = stats.hit_rate
+                data["teacher_truncated"] = stats.truncated()  # texts this fill embedded past the teacher's window
         self.info = {"identity": self.identity, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "argv": sys.argv, "git": _git_revision(), "versions": _versions(self.PACKAGES), "data": data,
                      "finished": False}
@@ -235,7 +270,8 @@ class RunInfo(L.Callback):
         stream = getattr(getattr(trainer, "datamodule", None), "_stream_loader", None)
         if stream is not None:  # a stream's teacher work done inside training (this rank's)
             self.info["data"].update(stream_texts_embedded=stream.filled,
-                                     stream_teacher_seconds=round(stream.teacher_seconds, 1))
+                                     stream_teacher_seconds=round(stream.teacher_seconds, 1),
+                                     stream_teacher_truncated=stream.fill_stats.truncated())
         self._write(trainer)
 
     def _write(self, trainer: L.Trainer) -> None:

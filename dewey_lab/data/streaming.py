@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dewey_lab.data.corpus import CorpusSource, Document
-from dewey_lab.data.fill import fill
+from dewey_lab.data.fill import FillStats, fill
 from dewey_lab.data.items import item_of
 from dewey_lab.data.packing import FixedBatchSampler, TokenBudgetBatchSampler
 from dewey_lab.data.windows import Example, Windower, unique_documents
@@ -215,6 +215,7 @@ class StreamLoader(DataLoader):
         self.records: deque = deque()  # (batch index since the run began, logical worker, state after it)
         self.served = 0  # batches this loader has handed out (the index of the next one is base + served)
         self.filled, self.teacher_seconds = 0, 0.0
+        self.fill_stats = FillStats()  # the teacher work done inside training (its long-text count included)
 
     def state_at(self, consumed: int) -> dict:
         """Every shard's position after the first ``consumed`` batches of the run (what a checkpoint keeps)."""
@@ -252,7 +253,10 @@ class StreamLoader(DataLoader):
             raise RuntimeError(f"{len(keys)} texts of a streamed batch are not in the teacher cache {cache.dir}; "
                                "fill it first (dewey-lab fill -c <experiment>) or set data.stream.fill: true")
         # another rank or an earlier batch may have embedded some: the fill embeds only what is still missing
-        stats = fill({k: t for _, k, t in missing}, self.teacher, cache, block=max(1, len(keys)))
+        n_whole = len(batch["t_whole"])
+        stats = fill({k: t for _, k, t in missing}, self.teacher, cache, block=max(1, len(keys)),
+                     wholes={k for row, k, _ in missing if row < n_whole})
+        self.fill_stats.add(stats)
         if stats.misses and not self.filled:
             log.info("stream: embedded %d texts the teacher cache lacked inside training (data.stream.fill); "
                      "fill the stream first (dewey-lab fill) to keep the teacher out of the training loop",
@@ -260,7 +264,6 @@ class StreamLoader(DataLoader):
         self.teacher_seconds += stats.teacher_seconds
         self.filled += stats.misses
         vecs = torch.from_numpy(cache.get_many(keys))
-        n_whole = len(batch["t_whole"])
         for (row, _, _), v in zip(missing, vecs):
             if row < n_whole:
                 batch["t_whole"][row] = v

@@ -13,6 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dewey_lab.eval.stats import SIGNIFICANCE_RULE, bootstrap_ci, mark, paired_test
 from dewey_lab.files import atomic_write
 
 LONGEMBED_SIX = ("passkey", "needle", "narrativeqa", "qmsum", "2wikimqa", "summ_screen_fd")
@@ -33,6 +34,59 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def add_statistics(rows: list[dict]) -> dict:
+    """Intervals for the summary and paired tests against a reference, from the rows' ``per_query`` scores.
+
+    The reference of a mode is its first run (``_run``: model + extension, e.g. the unextended model);
+    every other run of that mode is tested against it on the same task, length and queries, each row
+    gaining ``vs_ref`` {"ref", "diff", "lo", "hi", "p"}. Returns {"summary_ci": {run: {task: [lo, hi]}}
+    (stratified over lengths: the interval of the mean over lengths), "reference": {mode: run} and
+    "summary_vs_ref": {run: {task: {"diff", "lo", "hi", "p"}}} where there is more than one run}.
+    Rows without ``per_query`` (results written before it existed) get nothing.
+    """
+    scored = [r for r in rows if r.get("per_query")]
+    by_run: dict[str, dict[str, list[dict]]] = {}  # run -> task -> rows over lengths
+    for r in scored:
+        by_run.setdefault(_run(r), {}).setdefault(r["task"], []).append(r)
+    summary_ci = {run: {t: _interval(*_stacked(rs)) for t, rs in tasks.items()} for run, tasks in by_run.items()}
+    reference: dict[str, str] = {}
+    for r in scored:
+        reference.setdefault(r["mode"], _run(r))
+    out: dict = {"summary_ci": summary_ci}
+    if len(by_run) <= len(reference):  # one run per mode: nothing to compare
+        return out
+    ref_rows = {(r["mode"], r["task"], r["length"]): r for r in scored if _run(r) == reference[r["mode"]]}
+    vs: dict[str, dict[str, dict]] = {}
+    for run, tasks in by_run.items():
+        for task, rs in tasks.items():
+            mode = rs[0]["mode"]
+            if run == reference[mode]:
+                continue
+            refs = [ref_rows.get((mode, task, r["length"])) for r in rs]
+            paired = [(r, f) for r, f in zip(rs, refs) if f is not None and f["qids"] == r["qids"]]
+            for r, f in paired:
+                r["vs_ref"] = {"ref": reference[mode], **_rounded(paired_test(r["per_query"], f["per_query"]))}
+            if paired and len(paired) == len(rs):  # the average only over the same lengths and queries
+                a, groups = _stacked([r for r, _ in paired])
+                b, _ = _stacked([f for _, f in paired])
+                vs.setdefault(run, {})[task] = _rounded(paired_test(a, b, groups=groups))
+    return {**out, "reference": reference, "summary_vs_ref": vs}
+
+
+def _stacked(rows: list[dict]) -> tuple[list[float], list]:
+    """Per-query scores of one run's rows over lengths, and each score's length (the bootstrap's strata)."""
+    values = [v for r in rows for v in r["per_query"]]
+    return values, [r["length"] for r in rows for _ in r["per_query"]]
+
+
+def _interval(values: list[float], lengths: list) -> list[float]:
+    return [round(x, 6) for x in bootstrap_ci(values, groups=lengths)[1:]]
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 6) for k, v in d.items()}
+
+
 def _run(row: dict) -> str:
     """``single``, or ``single + pcw to 4096`` when the row ran through an extension (to its target length)."""
     ext = row.get("extension", "none")
@@ -50,6 +104,11 @@ def markdown(payload: dict) -> str:
     meta = payload.get("settings", {})
     lines.append(", ".join(f"{k}: {v}" for k, v in meta.items() if v not in (None, "")))
     lines.append("")
+    if payload.get("reference"):  # a study: say what the marks compare with
+        refs = "; ".join(f"{m}: {run}" for m, run in payload["reference"].items())
+        lines += [f"{SIGNIFICANCE_RULE} Reference per mode: {refs}.", ""]
+    elif any("ci" in r for r in rows):
+        lines += ["[lo, hi]: 95% percentile bootstrap interval over queries.", ""]
     synth = [r for r in rows if r["length"] is not None]
     if synth:
         cols = list(dict.fromkeys((r["task"], _run(r)) for r in synth))
@@ -72,8 +131,11 @@ def markdown(payload: dict) -> str:
     summary = payload["summary"]
     tasks = list(dict.fromkeys(t for s in summary.values() for t in s))
     lines += ["| mode | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    ci, vs = payload.get("summary_ci", {}), payload.get("summary_vs_ref", {})
     for mode, s in summary.items():
-        lines.append(f"| {mode} | " + " | ".join(f"{s[t]:.2f}" if t in s else "" for t in tasks) + " |")
+        cells = [_score(s[t] / 100, ci.get(mode, {}).get(t), vs.get(mode, {}).get(t, {}).get("p")) if t in s else ""
+                 for t in tasks]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     if any(r["truncated"] for r in rows):
         lines += ["", "† passages longer than the model's window were truncated to it (no extension method)."]
     warned = {r["task"] + (f"@{r['length']}" if r["length"] else ""): r["warnings"] for r in rows if r.get("warnings")}
@@ -84,7 +146,15 @@ def markdown(payload: dict) -> str:
 
 
 def _cell(row: dict, key: str = "main") -> str:
-    return f"{100 * row[key]:.2f}" + (" †" if row["truncated"] else "")
+    """``85.00 [70.00, 95.00] *``: the score, its interval and the significance mark, in percent."""
+    ci = row.get("ci" if key in ("main", row.get("main_metric")) else f"ci_{key}")
+    p = row.get("vs_ref", {}).get("p") if key in ("main", row.get("main_metric")) else None
+    return _score(row[key], ci, p) + (" †" if row["truncated"] else "")
+
+
+def _score(value: float, ci: list | None, p: float | None = None) -> str:
+    text = f"{100 * value:.2f}" + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
+    return text + (f" {mark(p)}" if mark(p) else "")
 
 
 def slug(text: str) -> str:

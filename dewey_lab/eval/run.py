@@ -17,7 +17,8 @@ import sys
 import time
 
 from dewey_lab.eval.metrics import retrieval_metrics
-from dewey_lab.eval.report import LONGEMBED_SIX, markdown, summarize, write_results
+from dewey_lab.eval.report import LONGEMBED_SIX, add_statistics, markdown, summarize, write_results
+from dewey_lab.eval.stats import bootstrap_ci, per_query
 from dewey_lab.eval.tasks.loco import LOCO_SUBSETS, load_loco
 from dewey_lab.eval.tasks.longembed import LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed
 from dewey_lab.eval.tasks.task import RetrievalTask
@@ -99,10 +100,14 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
         qids = list(task.judged_queries())
         for mode, s in scores.items():
             m = retrieval_metrics(s, qids, list(task.corpus), task.qrels)
+            per = per_query(s, qids, list(task.corpus), task.qrels)  # (Q,) each, same queries as m's means
+            intervals = {f"ci{'' if k == task.metric else '_' + k}": [round(x, 6) for x in bootstrap_ci(per[k])[1:]]
+                         for k in dict.fromkeys((task.metric, "ndcg@10"))}
             rows.append({"task": task.name, "length": task.length, "mode": mode, "main_metric": task.metric,
-                         "main": m[task.metric], **m, "n_queries": len(qids), "n_docs": len(task.corpus),
+                         "main": m[task.metric], **m, **intervals, "n_queries": len(qids), "n_docs": len(task.corpus),
                          "truncated": retriever.truncated, "seconds": round(seconds, 2),
-                         **({"warnings": warned} if warned else {})})
+                         **({"warnings": warned} if warned else {}),
+                         "qids": qids, "per_query": [round(float(x), 6) for x in per[task.metric]]})
     return rows
 
 
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings.update(model_path=a.model, window=first.embedder.window,
                         extension=", ".join(r[0] for r in prepared[0][0]), **_embedder_settings(first.embedder))
     payload = {"model": "study" if a.runs else first.name, "settings": settings, "rows": rows,
-               "summary": summarize(rows)}
+               "summary": summarize(rows), **add_statistics(rows)}
     json_path, md_path = write_results(payload, a.out_dir)
     print(markdown(payload))
     print(f"results: {json_path} and {md_path.name}", file=sys.stderr)

@@ -151,7 +151,9 @@ class DistillModule(L.LightningModule):
         stats = getattr(getattr(self.trainer, "datamodule", None), "fill_stats", None)
         if stats is not None and self.logger is not None:
             self.logger.log_metrics({"teacher/cache_hits": stats.hits, "teacher/cache_misses": stats.misses,
-                                     "teacher/hit_rate": stats.hit_rate, "teacher/seconds": stats.teacher_seconds},
+                                     "teacher/hit_rate": stats.hit_rate, "teacher/seconds": stats.teacher_seconds,
+                                     # share of the texts this fill embedded that were over the teacher's window
+                                     "teacher/truncated": stats.long_fraction},
                                     step=0)
 
     # -- model -------------------------------------------------------------------------------------

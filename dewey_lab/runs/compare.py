@@ -5,7 +5,9 @@ Reads ``runs/<study>/<variant>/`` (event files, ``run_info.json``) and writes
 length, wall time and teacher-cache hit rate of every variant, plus ``loss.png`` (train/loss
 curves) and ``passkey.png`` (Acc@1 against length at the last check, one line per variant). Runs
 are grouped by their identity (``dewey_lab.runs.identity``) and by scale: runs of another scale go in a
-table of their own, never in the same rows.
+table of their own, never in the same rows. Where a run kept its last check's per-query results
+(``passkey_last.json``, written by ``PasskeyCallback``), passkey / needle cells carry a 95% bootstrap
+interval and ``*`` marks a variant that differs from the first one (paired test over the same queries).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from dewey_lab.files import atomic_write
 
+PER_QUERY_FILE = "passkey_last.json"  # written by callbacks.PasskeyCallback at every check, so the last one stays
 COLUMNS = ("train/loss", "val/loss", "val/cos_whole", "val/cos_chunk")
 
 
@@ -32,7 +35,50 @@ def read_run(run_dir: Path) -> dict:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     info_file = run_dir / "run_info.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    return {"scalars": {k: sorted(v) for k, v in scalars.items()}, "info": info}
+    per_query_file = run_dir / PER_QUERY_FILE
+    per_query = json.loads(per_query_file.read_text()) if per_query_file.exists() else None
+    return {"scalars": {k: sorted(v) for k, v in scalars.items()}, "info": info, "per_query": per_query}
+
+
+def query_results(per_query: dict | None) -> dict[str, dict[int, dict]]:
+    """{"passkey": {length: {"qids", "correct", "set"}}, ...}: single-vector per-query Acc@1 of the last
+    check (``passkey_last.json``), the numbers behind ``val/<task>@<length>``; {} for a run without it."""
+    results = (per_query or {}).get("results", {})
+    return {task: {int(n): r for n, r in modes.get("single", {}).items()} for task, modes in results.items()}
+
+
+def run_statistics(rows: list[str], data: dict, lengths: list[int]) -> dict[str, dict]:
+    """{run: {"<task>@<length>" or "<task>_avg": {"ci": [lo, hi], "p": p vs the first run or None}}} for the
+    runs with per-query results; the first row with them is the reference. A pair is tested only where both
+    runs scored the same set (same seeded queries); an average over lengths only over the same lengths."""
+    from dewey_lab.eval.stats import bootstrap_ci, paired_test
+
+    have = [n for n in rows if query_results(data[n]["per_query"])]
+    out: dict[str, dict] = {}
+    ref = query_results(data[have[0]]["per_query"]) if have else {}
+    for name in have:
+        res, stats = query_results(data[name]["per_query"]), {}
+        for task, per_length in res.items():
+            ns = [n for n in lengths if n in per_length]
+            for n in ns:
+                stats[f"{task}@{n}"] = {"ci": list(bootstrap_ci(per_length[n]["correct"])[1:]), "p": None}
+            if not ns:
+                continue
+            values = [c for n in ns for c in per_length[n]["correct"]]
+            groups = [n for n in ns for _ in per_length[n]["correct"]]
+            stats[f"{task}_avg"] = {"ci": list(bootstrap_ci(values, groups=groups)[1:]), "p": None}
+            other = ref.get(task, {})
+            same = [n for n in ns if n in other and other[n]["set"] == per_length[n]["set"]
+                    and other[n]["qids"] == per_length[n]["qids"]]
+            if name == have[0]:
+                continue
+            for n in same:
+                stats[f"{task}@{n}"]["p"] = paired_test(per_length[n]["correct"], other[n]["correct"])["p"]
+            if same and len(same) == len(ns) == len(other):
+                b = [c for n in ns for c in other[n]["correct"]]
+                stats[f"{task}_avg"]["p"] = paired_test(values, b, groups=groups)["p"]
+        out[name] = stats
+    return out
 
 
 def synthetic_at_last_check(scalars: dict) -> dict[str, dict[int, float]]:
@@ -61,8 +107,9 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
         scale = identity.get("scale", "unrecorded")
         groups.setdefault(scale, {}).setdefault(identity.get("id") or f"dir:{name}", []).append(name)
     lengths = sorted({n for d in data.values() for t in synthetic_at_last_check(d["scalars"]).values() for n in t})
-    head = ["variant", *COLUMNS, *(f"{t}@{n}" for t in ("passkey", "needle") for n in lengths), "wall (s)",
-            "teacher hit rate", "finished", "identity", "runs"]
+    tasks = [t for t in ("passkey", "needle") if any(t in synthetic_at_last_check(d["scalars"]) for d in data.values())]
+    head = ["variant", *COLUMNS, *(f"{t}@{n}" for t in tasks for n in lengths), *(f"{t} avg" for t in tasks),
+            "wall (s)", "teacher hit rate", "finished", "identity", "runs"]
     lines = [f"# {study}", ""]
     if len(groups) > 1:
         lines += [f"Runs at {len(groups)} scales ({', '.join(sorted(groups))}): one table each, never mixed.", ""]
@@ -75,25 +122,55 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
             variant = shown.split("@", 1)[0]
             rows.append((order.index(variant) if variant in order else len(order), shown, ident, names))
         rows.sort(key=lambda r: (r[0], r[1]))
-        lines += [f"## scale: {scale}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        names_in_order = [name for _, name, _, _ in rows]
+        stats = run_statistics(names_in_order, data, lengths)
+        lines += [f"## scale: {scale}", ""]
+        if stats:
+            lines += [(f"Acc@1 [lo, hi]: 95% bootstrap interval over the check's queries; `*`: differs from "
+                       f"{next(iter(stats))} (the first variant with them) at p < 0.05, paired sign-flip test over the same "
+                       "queries."), ""]
+        without = [n for n in names_in_order if n not in stats]
+        if lengths and without:  # runs written before the callback kept per-query results
+            lines += [f"No per-query results ({PER_QUERY_FILE}) for {', '.join(without)}: shown without intervals.",
+                      ""]
+        lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for _, name, ident, names in rows:
             s, info = data[name]["scalars"], data[name]["info"]
-            synth = synthetic_at_last_check(s)
+            synth, st = synthetic_at_last_check(s), stats.get(name, {})
             cells = [f"{s[c][-1][1]:.4f}" if s.get(c) else "" for c in COLUMNS]
-            cells += [f"{synth.get(t, {}).get(n, float('nan')):.2f}" for t in ("passkey", "needle") for n in lengths]
+            cells += [_with_interval(synth.get(t, {}).get(n, float("nan")), st.get(f"{t}@{n}")) for t in tasks
+                      for n in lengths]
+            cells += [_with_interval(_average(synth.get(t, {}), lengths), st.get(f"{t}_avg")) for t in tasks]
             rate = info.get("data", {}).get("teacher_cache_hit_rate")
             cells += [str(info.get("wall_seconds", "")), "" if rate is None else f"{rate:.3f}",
                       str(info.get("finished", "")), "" if ident.startswith("dir:") else ident, str(len(names))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         suffix = "" if len(groups) == 1 else f"-{scale}"
-        _plots({name: data[name] for _, name, _, _ in rows}, lengths, out, suffix)
+        _plots({name: data[name] for _, name, _, _ in rows}, lengths, out, suffix, stats)
     plots = "`loss.png`, `passkey.png`" if len(groups) == 1 else "`loss-<scale>.png`, `passkey-<scale>.png`"
-    lines += [(f"Plots: {plots} (train/loss by step; passkey Acc@1 against length, last check). `identity`: the hash "
+    lines += [(f"Plots: {plots} (train/loss by step; passkey Acc@1 against length, last check, with 95% intervals "
+               "where per-query results exist). `identity`: the hash "
               "of the resolved config and data fingerprints; `runs`: run directories of that identity (the newest "
               "finished one is shown).")]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _average(per_length: dict[int, float], lengths: list[int]) -> float:
+    """Mean Acc@1 over the lengths a run checked (nan where it checked none)."""
+    values = [per_length[n] for n in lengths if n in per_length]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _with_interval(value: float, stat: dict | None) -> str:
+    """``0.80 [0.66, 0.92] *``; the plain value where the run has no per-query results."""
+    if stat is None:
+        return f"{value:.2f}"
+    from dewey_lab.eval.stats import mark
+
+    text = f"{value:.2f} [{stat['ci'][0]:.2f}, {stat['ci'][1]:.2f}]"
+    return text + (f" {mark(stat['p'])}" if mark(stat["p"]) else "")
 
 
 def _representative(names: list[str], data: dict) -> str:
@@ -111,19 +188,26 @@ def _variant_order(study_file: Path) -> list[str]:
     return [name for name, _ in variants(sweep_block([str(study_file)]))] if study_file.is_file() else []
 
 
-def _plots(data: dict, lengths: list[int], out: Path, suffix: str = "") -> None:
+def _plots(data: dict, lengths: list[int], out: Path, suffix: str = "", stats: dict | None = None) -> None:
     losses = {name: d["scalars"].get("train/loss", []) for name, d in data.items()}
     _line_plot(out / f"loss{suffix}.png", {n: ([p[0] for p in v], [p[1] for p in v]) for n, v in losses.items() if v},
                "step", "train/loss")
     passkey = {name: synthetic_at_last_check(d["scalars"]).get("passkey", {}) for name, d in data.items()}
+    stats = stats or {}
+    errors = {}  # name -> (2, L) distances below / above each point: matplotlib's yerr
+    for n, acc in passkey.items():
+        cis = [stats.get(n, {}).get(f"passkey@{x}", {}).get("ci") for x in lengths]
+        if acc and any(cis):
+            y = [acc.get(x, float("nan")) for x in lengths]
+            errors[n] = [[v - c[0] if c else 0.0 for v, c in zip(y, cis)], [c[1] - v if c else 0.0 for v, c in zip(y, cis)]]
     _line_plot(out / f"passkey{suffix}.png", {n: (lengths, [acc.get(x, float("nan")) for x in lengths])
                                      for n, acc in passkey.items() if acc},
-               "length (tokens)", "passkey Acc@1", log2_x=True)
+               "length (tokens)", "passkey Acc@1", log2_x=True, errors=errors)
 
 
 def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
-               log2_x: bool = False) -> None:
-    """One line per variant; markers when the x values are few (lengths)."""
+               log2_x: bool = False, errors: dict | None = None) -> None:
+    """One line per variant; markers when the x values are few (lengths); error bars where ``errors`` has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +215,10 @@ def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yl
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in series.items():
-        ax.plot(x, y, label=name, marker="o" if log2_x else None)
+        if errors and name in errors:
+            ax.errorbar(x, y, yerr=errors[name], label=name, marker="o", capsize=3)
+        else:
+            ax.plot(x, y, label=name, marker="o" if log2_x else None)
     if log2_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
