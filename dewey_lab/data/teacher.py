@@ -246,14 +246,12 @@ class SentenceTransformerTeacher(Teacher):
 
     def _token_groups(self, texts: list[str]) -> list[list[int]]:
         """Indices of ``texts`` in batches of at most ``batch_tokens`` padded tokens, longest first."""
-        st = self.model
-        prompt = self.prompt or ""
-        ids = st.tokenizer([prompt + t for t in texts], add_special_tokens=True, truncation=True,
-                           max_length=st.max_seq_length)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        cap = self.model.max_seq_length  # encode cuts every text there
+        width = [min(len(ids), cap) for ids in self._tokenize(texts)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -width[i])
         groups, group = [], []
         for i in order:  # sorted longest first, so the group's first text sets its padded width
-            if group and (len(group) + 1) * len(ids[group[0]]) > self.batch_tokens:
+            if group and (len(group) + 1) * width[group[0]] > self.batch_tokens:
                 groups.append(group)
                 group = []
             group.append(i)
