@@ -8,6 +8,8 @@ EXP ?= tiny
 SCALE ?= $(if $(filter tiny small dewey,$(EXP)),,$(or $(shell sed -n '1s/^\# scale: *//p' experiments/$(EXP).yaml 2>/dev/null),tiny))
 # VARIANT=k runs only variant k of a study's sweep (dewey-lab sweep --print lists them)
 VARIANT ?=
+# COMPARE_FLAGS=--reuse-eval reports a study's newest post-fit results instead of rerunning its eval (--skip-eval: none)
+COMPARE_FLAGS ?=
 # make test's pytest-xdist workers (2: this project's CI machine has 2 cores; 0 runs in one process)
 TEST_WORKERS ?= 2
 # BENCH='--sections train,st' passes options to benchmarks/suite.py
@@ -35,8 +37,8 @@ setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hu
 train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (studies stack on SCALE=tiny)
 	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml $(if $(VARIANT),--sweep_index $(VARIANT))
 
-compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/)
-	$(PY) -m dewey_lab.runs.compare $(EXP)
+compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/), and its '# eval:' study
+	$(PY) -m dewey_lab.runs.compare $(EXP) $(COMPARE_FLAGS)
 
 eval: setup ## run an evaluation study: dewey-lab eval --config experiments/$(EXP).yaml (e.g. EXP=extension_ablation)
 	$(VENV)/bin/dewey-lab eval --config experiments/$(EXP).yaml

@@ -7,6 +7,9 @@ multi-vector, from one forward pass per passage. TensorBoard gets
 * scalars ``val/passkey@<len>``, ``val/needle@<len>`` (single vector, Acc@1), their multi-vector
   twins ``val/passkey_multi@<len>``, and the mean over lengths ``val/passkey_avg``;
 * a heat map per task and mode (length x step, Acc@1 in each cell) under ``val/<task>_<mode>_map``,
+* the untrained student's average (the check at step 0) beside every later check, ``ref/<task>_avg_step0``
+  (``ref/<task>_multi_avg_step0``), so a curve reads against where it started; a resumed run keeps it
+  (the scores so far are in the checkpoint),
 
 so the effect of a RoPE theta or a loss weight on long-context retrieval shows while the run is
 still going. The sets are generated once (same documents at every check) in the student's tokens.
@@ -27,6 +30,7 @@ from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.retrieval import DenseRetriever
 from dewey_lab.eval.stats import per_query as per_query_metrics
+from dewey_lab.eval.tasks.deep import SOURCES as DEEP_SOURCES
 from dewey_lab.eval.tasks.task import RetrievalTask
 from dewey_lab.model.pooling import PoolingHead
 from dewey_lab.runs.compare import PER_QUERY_FILE
@@ -44,7 +48,10 @@ class PasskeyCallback(L.Callback):
         Args:
             every_n_steps: optimizer steps between checks (also one at the end of training).
             lengths: document lengths in the student's tokens.
-            tasks: any of passkey, needle.
+            tasks: any of passkey, needle, and the real-text checks deep/pydoc, deep/langref (a sentence from
+                deep inside held-out text, ``dewey_lab.eval.tasks.deep``; documents cut to the longest length,
+                sentences from min(1024, a quarter of it) tokens in; a ``.jsonl`` haystack is their pydoc corpus;
+                logged as ``val/deep_pydoc`` nDCG@10 and ``ref/deep_pydoc_step0``, no heat map).
             n_queries, n_docs: per length (LongEmbed: 50 over 100 shared candidates).
             modes: single and / or multi (late-chunked, best chunk).
             pooling: single-vector pooling: None scores the whole-text head being trained
@@ -57,9 +64,10 @@ class PasskeyCallback(L.Callback):
             token_budget: padded tokens per forward pass.
         """
         super().__init__()
-        bad = [t for t in tasks if t not in ("passkey", "needle")]
+        known = ("passkey", "needle", *(f"deep/{s}" for s in DEEP_SOURCES))
+        bad = [t for t in tasks if t not in known]
         if bad:
-            raise ValueError(f"PasskeyCallback tasks: unknown {bad[0]!r}; use passkey and / or needle")
+            raise ValueError(f"PasskeyCallback tasks: unknown {bad[0]!r}; use any of {', '.join(known)}")
         if pooling is not None and pooling not in PoolingHead.choices():
             names = ", ".join(PoolingHead.choices())
             raise ValueError(f"PasskeyCallback pooling: unknown {pooling!r}; use one of {names} or null (the trained head)")
@@ -72,6 +80,7 @@ class PasskeyCallback(L.Callback):
         self._last_step = -1
         self._hashes: dict[str, str] = {}  # task label -> set hash (passkey_last.json)
         self.history: dict[str, dict[int, dict[int, float]]] = {}  # "passkey_single" -> step -> length -> acc
+        self.real_history: dict[str, dict[int, float]] = {}  # "deep_pydoc_multi" -> step -> nDCG@10
 
     # -- when ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,13 +98,19 @@ class PasskeyCallback(L.Callback):
     # -- what ---------------------------------------------------------------------------------------
     def generated(self, tokenizer) -> list[RetrievalTask]:
         if self._tasks is None:
+            from dewey_lab.eval.tasks.deep import make_deep
             from dewey_lab.eval.tasks.synthetic import make_synthetic, read_haystack
 
             needs = self.haystack and "needle" in self.tasks
             text = read_haystack(self.haystack) if needs else None  # None: the offline pydoc text
-            self._tasks = [t for kind in self.tasks
+            room = max(self.lengths) - tokenizer.num_special_tokens_to_add(pair=False)
+            corpus = {"corpus_path": self.haystack} if str(self.haystack).endswith(".jsonl") else {}
+            self._tasks = [t for kind in self.tasks if not kind.startswith("deep/")
                            for t in make_synthetic(kind, tokenizer, self.lengths, n_queries=self.n_queries,
                                                    n_docs=self.n_docs, seed=self.seed, haystack=text)]
+            self._tasks += [make_deep(kind.removeprefix("deep/"), tokenizer, n_queries=self.n_queries, max_tokens=room,
+                                      min_depth=min(1024, room // 4), seed=self.seed, **corpus)
+                            for kind in self.tasks if kind.startswith("deep/")]
         return self._tasks
 
     def embedder(self, pl_module) -> Embedder:
@@ -130,6 +145,9 @@ class PasskeyCallback(L.Callback):
         scalars: dict[str, float] = {}
         per_query: dict = {}  # task -> mode -> length -> {"qids", "correct"}: passkey_last.json
         for task in self.generated(embedder.tokenizer):
+            if task.length is None:  # a real-text check: one score per mode, beside its step-0 value
+                self._score_real(task, retriever, step, scalars)
+                continue
             for mode, scores in retriever.score(task).items():
                 qids = list(task.judged_queries())
                 acc = retrieval_metrics(scores, qids, list(task.corpus), task.qrels)["ndcg@1"]
@@ -144,6 +162,8 @@ class PasskeyCallback(L.Callback):
             name, mode = key.rsplit("_", 1)
             suffix = "" if mode == "single" else f"_{mode}"
             scalars[f"val/{name}{suffix}_avg"] = sum(per_step[step].values()) / len(per_step[step])
+            if 0 in per_step and step > 0:  # the untrained student's score, beside every later one
+                scalars[f"ref/{name}{suffix}_avg_step0"] = sum(per_step[0].values()) / len(per_step[0])
         if trainer.logger is not None:
             trainer.logger.log_metrics(scalars, step=step)
             if isinstance(trainer.logger, TensorBoardLogger):
@@ -151,6 +171,33 @@ class PasskeyCallback(L.Callback):
                     trainer.logger.experiment.add_figure(f"val/{key}_map", self.heatmap(key), step)
         log.info("step %d: %s", step, ", ".join(f"{k.removeprefix('val/')}={v:.2f}" for k, v in scalars.items()))
         return scalars
+
+    def _score_real(self, task: RetrievalTask, retriever: DenseRetriever, step: int, scalars: dict) -> None:
+        name = task.name.replace("/", "_")
+        for mode, scores in retriever.score(task).items():
+            tag = name + ("" if mode == "single" else f"_{mode}")
+            value = retrieval_metrics(scores, list(task.judged_queries()), list(task.corpus), task.qrels)[task.metric]
+            scalars[f"val/{tag}"] = value
+            per_step = self.real_history.setdefault(tag, {})
+            per_step[step] = value
+            if 0 in per_step and step > 0:
+                scalars[f"ref/{tag}_step0"] = per_step[0]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(tasks=self.tasks, lengths=self.lengths, seed=self.seed)
+
+    def state_dict(self) -> dict:
+        """The scores so far (a resumed run keeps its step-0 reference and its heat maps' earlier columns)."""
+        return {"history": {k: {int(s): {int(n): a for n, a in v.items()} for s, v in per.items()}
+                            for k, per in self.history.items()},
+                "real_history": {k: {int(s): a for s, a in per.items()} for k, per in self.real_history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {k: {int(s): {int(n): a for n, a in v.items()} for s, v in per.items()}
+                        for k, per in state_dict.get("history", {}).items()}
+        self.real_history = {k: {int(s): a for s, a in per.items()}
+                             for k, per in state_dict.get("real_history", {}).items()}
 
     def _set_hash(self, task: RetrievalTask) -> str:
         """A short hash of a generated set's queries, documents and judgements: equal hashes, same queries."""

@@ -204,7 +204,7 @@ def test_passkey_callback_logs_scalars_and_heatmap_then_eval_reads_the_checkpoin
         _f(self, m)) or scored[-1])
     callback = {"class_path": "dewey_lab.callbacks.PasskeyCallback",
                 "init_args": {"every_n_steps": 1, "lengths": [96, 160], "n_queries": 3, "n_docs": 6,
-                              "haystack": str(small_corpus_path)}}
+                              "haystack": str(small_corpus_path), "tasks": ["passkey", "needle", "deep/langref"]}}
     attention = {"class_path": "dewey_lab.model.pooling.AttentionPooling"}
     main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir,
                                             **{"trainer.callbacks": [callback], "model.whole_pooling": attention})])
@@ -221,9 +221,17 @@ def test_passkey_callback_logs_scalars_and_heatmap_then_eval_reads_the_checkpoin
     steps = [s.step for e in (tmp_path / "runs" / "small").rglob("events.out.tfevents*")
              for s in _scalars(e, "val/passkey@96")]
     assert sorted(set(steps)) == [0, 1, 2]  # before training, every step, and no repeat at the end
+    events = list((tmp_path / "runs" / "small").rglob("events.out.tfevents*"))
+    start = [s.value for e in events for s in _scalars(e, "val/needle_multi_avg") if s.step == 0]
+    ref = {s.step: s.value for e in events for s in _scalars(e, "ref/needle_multi_avg_step0")}
+    assert len(start) == 1 and ref == {1: start[0], 2: start[0]}  # the step-0 score beside every later check
+    real = {s.step for e in events for s in _scalars(e, "val/deep_langref_multi")}  # the real-text check
+    assert real == {0, 1, 2} and {"val/deep_langref", "ref/deep_langref_step0"} <= tags["scalars"]
 
     ckpt = max((tmp_path / "runs" / "small").rglob("*.ckpt"))
     saved = peek_checkpoint(ckpt)
+    kept = [v["history"] for k, v in saved["callbacks"].items() if k.startswith("PasskeyCallback")]
+    assert len(kept) == 1 and 0 in kept[0]["needle_multi"]  # a resumed run keeps its step-0 reference
     assert saved["dewey_heads"]["whole_pooling"] == {"class_path": attention["class_path"], "init_args": {"hidden_size": 32}}
     assert saved["state_dict"]["whole_pooling.query"].abs().max() > 0  # trained: it started at zero (the mean)
     main(["eval", "--model", str(ckpt), "--tasks", "passkey", "--lengths", "96", "--n_queries", "3", "--n_docs", "6",

