@@ -23,6 +23,7 @@ from dewey_lab.eval.report import _run, _score
 from dewey_lab.eval.stats import SIGNIFICANCE_RULE, mark, paired_test
 
 EVAL_LINE = re.compile(r"#\s*eval:\s*(\S+)")
+REFERENCE_COLORS = ("black", "dimgrey", "darkgoldenrod", "purple", "teal")  # dashed: single vector, dotted: multi
 
 
 def eval_file(study_file: Path) -> Path | None:
@@ -116,10 +117,12 @@ def section(payload: dict, config: Path, plots: list[str]) -> list[str]:
 def multi_vs_single(rows: list[dict]) -> list[dict]:
     """For each run with a ``multi`` mode: multi minus each single-vector mode, per task, over the same queries
     (stacked over lengths, stratified by length). [{"model", "a", "b", "tasks": {task: paired_test}}]."""
-    by: dict[tuple[str, str, str], list[dict]] = {}  # (model, mode, task) -> rows over lengths
+    by: dict[tuple[str, str, str], list[dict]] = {}  # (run, mode, task) -> rows over lengths
     for r in rows:
-        if r.get("per_query") and r.get("extension", "none") == "none":
-            by.setdefault((r.get("model", ""), r["mode"], r["task"]), []).append(r)
+        if r.get("per_query"):
+            ext = r.get("extension", "none")
+            model = r.get("model", "") + ("" if ext == "none" else f" + {ext}")  # each extension its own run
+            by.setdefault((model, r["mode"], r["task"]), []).append(r)
     out = []
     for model in dict.fromkeys(k[0] for k in by):
         modes = list(dict.fromkeys(k[1] for k in by if k[0] == model))
@@ -166,13 +169,17 @@ def plot(payload: dict, out: Path) -> list[str]:
                     x, y = [r["length"] for r in line], [r["main"] for r in line]
                     label = name if name not in refs or ref_mode == "single" else f"{name} ({ref_mode})"
                     if name in refs:
-                        ax.plot(x, y, linestyle="--" if ref_mode != "multi" else ":", color="grey", alpha=0.8,
+                        color = REFERENCE_COLORS[sorted(refs).index(name) % len(REFERENCE_COLORS)]
+                        ax.plot(x, y, linestyle="--" if ref_mode != "multi" else ":", color=color, alpha=0.8,
                                 marker=".", label=label)
                     else:
                         err = [[r["main"] - r["ci"][0] for r in line], [r["ci"][1] - r["main"] for r in line]] \
                             if all(r.get("ci") for r in line) else None
                         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
             ax.set_xscale("log", base=2)
+            lengths = sorted({r["length"] for r in mine})
+            ax.set_xticks(lengths, [_k(n) for n in lengths])
+            ax.minorticks_off()
             ax.set_title(f"{task}: {mode}")
             ax.set_xlabel("length (tokens)")
             ax.set_ylim(-0.02, 1.02)
