@@ -6,6 +6,9 @@ EXP ?= tiny
 # a study (theta_ablation, ...) runs on the scale its first line names (`# scale: small`), else on the
 # tiny CPU scale; SCALE= (empty) or SCALE=dewey overrides it
 SCALE ?= $(if $(filter tiny small dewey,$(EXP)),,$(or $(shell sed -n '1s/^\# scale: *//p' experiments/$(EXP).yaml 2>/dev/null),tiny))
+# a '# start: <experiment>' line in the scale's or the study's file trains that experiment first (skipped when
+# finished): its run is the start the file's model.init_from names (train short, then long)
+START ?= $(strip $(shell sed -n 's/^\# start: *//p' $(if $(SCALE),experiments/$(SCALE).yaml) experiments/$(EXP).yaml 2>/dev/null | head -1))
 # VARIANT=k runs only variant k of a study's sweep (dewey-lab sweep --print lists them)
 VARIANT ?=
 # COMPARE_FLAGS=--reuse-eval reports a study's newest post-fit results instead of rerunning its eval (--skip-eval: none)
@@ -35,6 +38,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hub,flash for more)
 
 train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (studies stack on SCALE=tiny)
+	$(if $(START),$(MAKE) train EXP=$(START) SCALE= START=)
 	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml $(if $(VARIANT),--sweep_index $(VARIANT))
 
 compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/), and its '# eval:' study

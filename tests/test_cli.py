@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -325,3 +326,35 @@ def test_trainer_writes_through_safe_checkpoint_io_without_a_serialisation_warni
                        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
     assert not [w for w in seen if "serialize" in str(w.message)]
+
+
+def test_init_from_starts_a_run_from_another_runs_weights(tmp_path, small_corpus_path, shared_cache_dir, capsys):
+    """``model.init_from`` (train short, then long): a run that starts from another run's folder begins with its
+    student and projection (with lr 0 its one step changes nothing, so its checkpoint holds the start's weights);
+    the start's identity joins the run's; a start of another shape or none at all is one line."""
+    from dewey_lab.runs.checkpoint import peek_checkpoint
+
+    main(["fit", "-c", TINY, "-c", _small(tmp_path, small_corpus_path, shared_cache_dir, **{"trainer.max_steps": 1,
+                                                                                          "trainer.callbacks": []})])
+    start = peek_checkpoint(next((tmp_path / "runs" / "small" / "version_0" / "checkpoints").glob("last.ckpt")))
+    for sub in "bcd":
+        (tmp_path / sub).mkdir()
+    cont = _small(tmp_path / "b", small_corpus_path, shared_cache_dir, **{
+        "trainer.max_steps": 1, "trainer.callbacks": [], "model.init_from": str(tmp_path / "runs" / "small"),
+        "model.lr": 0.0, "model.warmup_steps": 0})
+    main(["fit", "-c", TINY, "-c", cont])
+    run = tmp_path / "b" / "runs" / "small" / "version_0"
+    after = peek_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    moved = [k for k, v in start["state_dict"].items() if k.startswith(("student.", "projection."))
+             and not torch.equal(v, after[k])]
+    assert not moved and any(k.startswith("projection.") for k in after)
+    ident = json.loads((run / "run_info.json").read_text())["identity"]
+    assert ident["fingerprints"]["init_from"] == f"{start['dewey_run']['id']}@step1"
+
+    wider = _small(tmp_path / "c", small_corpus_path, shared_cache_dir, **{
+        "trainer.max_steps": 1, "trainer.callbacks": [], "model.init_from": str(tmp_path / "runs" / "small"),
+        "model.student.config.hidden_size": 64})
+    assert "does not match this one at" in _error_line(capsys, ["fit", "-c", TINY, "-c", wider])
+    (tmp_path / "empty").mkdir()
+    none = _small(tmp_path / "d", small_corpus_path, shared_cache_dir, **{"model.init_from": str(tmp_path / "empty")})
+    assert "no finished run with checkpoints/last.ckpt under" in _error_line(capsys, ["fit", "-c", TINY, "-c", none])

@@ -56,6 +56,7 @@ class DistillModule(L.LightningModule):
         weight_decay: float = 0.0,
         compile: bool | str = False,
         max_bad_steps: int = 20,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -76,6 +77,10 @@ class DistillModule(L.LightningModule):
                 backend name. Off by default: it pays back on GPU runs of hours, not on a CPU smoke run.
             max_bad_steps: steps with a non-finite loss or gradient are skipped (no weight update)
                 and counted (``train/skipped_steps``); past this many the run stops with a message.
+            init_from: start from another run's student and projection (train short, then long, as
+                ModernBERT extends its context): a ``.ckpt``, a run directory, or an experiment's run folder
+                (``runs/tiny``: its newest finished run). The student's shape must match; its RoPE thetas and
+                window may differ (rotary positions hold no weights). A resumed run keeps its own weights.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["whole_pooling", "chunk_pooling", "losses"])
@@ -96,6 +101,7 @@ class DistillModule(L.LightningModule):
         self.teacher_means: dict[str, Tensor] = {}
         self.compile_backend = "inductor" if compile is True else compile or None
         self.max_bad_steps, self.bad_steps = max_bad_steps, 0
+        self.init_from = init_from
 
     def configure_model(self) -> None:
         if self.device_mesh is not None and not getattr(self, "_sharded", False):
@@ -146,6 +152,25 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"this model was built for {self.hparams['teacher_dim']}-d teacher vectors but the "
                              f"cache holds {dm.teacher_dim}-d; use the same teacher or a new data.cache.dir")
         self.teacher_means = dict(dm.teacher_means)
+        if self.init_from and stage == "fit" and not getattr(self, "_started_from", None):
+            self._start_from(self.init_from)  # a resume then loads its own checkpoint over these weights
+
+    def _start_from(self, spec: str) -> None:
+        """Load another run's student, projection and pooling weights (``init_from``); one line if they do not fit."""
+        from dewey_lab.runs.checkpoint import peek_checkpoint, start_checkpoint
+
+        path = start_checkpoint(spec)
+        saved = peek_checkpoint(path)
+        state = {k: v for k, v in saved["state_dict"].items()
+                 if k.split(".", 1)[0] in ("student", "projection", *self.HEADS)}
+        mine = {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in ("student", "projection", *self.HEADS)}
+        bad = sorted(set(state) ^ set(mine)) or [k for k in state if state[k].shape != mine[k].shape]
+        if bad:
+            raise ValueError(f"model.init_from {path}: its model does not match this one at {bad[0]} (and "
+                             f"{len(bad) - 1} more); give model.student the start's shape and the same heads")
+        self.load_state_dict(state, strict=False)
+        self._started_from = str(path)
+        log.info("student: starts from %s (step %s)", path, saved.get("global_step"))
 
     def on_fit_start(self) -> None:
         stats = getattr(getattr(self.trainer, "datamodule", None), "fill_stats", None)

@@ -63,3 +63,28 @@ def peek_checkpoint(path) -> dict:
 
     with torch.serialization.safe_globals([StudentConfig]):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def start_checkpoint(spec: str) -> Path:
+    """The checkpoint ``model.init_from`` names: a ``.ckpt``; a run directory (its ``checkpoints/last.ckpt``);
+    or an experiment's run folder (``runs/tiny``: the newest finished run in it). One-line error otherwise."""
+    import json
+
+    path = Path(spec)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from: {spec} does not exist; train that run first")
+        return path
+    runs = [path] if (path / "run_info.json").is_file() else sorted(p for p in path.glob("*") if p.is_dir())
+    finished = []
+    for run in runs:
+        try:
+            info = json.loads((run / "run_info.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("finished") and (run / "checkpoints" / "last.ckpt").is_file():
+            finished.append((info.get("started", ""), run))
+    if not finished:
+        raise FileNotFoundError(f"model.init_from: no finished run with checkpoints/last.ckpt under {spec}; train it "
+                                "first (make train EXP=<its experiment>), or name a .ckpt")
+    return max(finished)[1] / "checkpoints" / "last.ckpt"

@@ -117,7 +117,14 @@ def data_fingerprints(config: dict) -> dict[str, str]:
     from dewey_lab.data.datamodule import DistillDataModule
 
     dm = DistillDataModule.from_config(config)
-    return {"corpus": f"{type(dm.corpus).__name__}:{dm.corpus.fingerprint()}", "teacher": dm.teacher.fingerprint}
+    out = {"corpus": f"{type(dm.corpus).__name__}:{dm.corpus.fingerprint()}", "teacher": dm.teacher.fingerprint}
+    start = ((config.get("model") or {}).get("init_from"))
+    if start:  # the start's own identity and step: another start checkpoint is another run
+        from dewey_lab.runs.checkpoint import peek_checkpoint, start_checkpoint
+
+        saved = peek_checkpoint(start_checkpoint(start))
+        out["init_from"] = f"{(saved.get('dewey_run') or {}).get('id', 'unrecorded')}@step{saved.get('global_step')}"
+    return out
 
 
 def read_run_info(run_dir: Path) -> dict:
