@@ -62,8 +62,8 @@ def report(found: dict[str, dict], out: Path) -> None:
              "config.yaml, times its epochs; a step's tokens are the run's average per step. "
              "Command: `python benchmarks/learning_curves.py " + " ".join(f"{k}={v['run']}" for k, v in found.items()) +
              f" --out {out}`.", "",
-             "| run | windows x longest | epochs | steps | tokens read | tokens / step | val/cos_whole first -> last | "
-             "val/cos_chunk first -> last | teacher baselines (whole / chunk) | wall (s) | finished |",
+             ("| run | windows x longest | epochs | steps | tokens read | tokens / step | val/cos_whole first -> last | "
+              "val/cos_chunk first -> last | teacher baselines (whole / chunk) | wall (s) | finished |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in found.items():
         s = r["series"]
