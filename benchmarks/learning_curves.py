@@ -68,7 +68,7 @@ def report(found: dict[str, dict], out: Path) -> None:
     for name, r in found.items():
         s = r["series"]
 
-        def first_last(key: str) -> str:
+        def first_last(key: str, s=s) -> str:
             v = s[key]
             return f"{v[0][2]:.4f} (step {v[0][0]}) -> {v[-1][2]:.4f} (step {v[-1][0]})" if v else ""
 
