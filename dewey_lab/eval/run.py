@@ -254,10 +254,12 @@ def prepare(a):
             runs.append((label, DenseRetriever(e, modes, cache_dir=a.cache_dir or None, progress=a.progress),
                          e.max_length))
         tokenizer, window = base.tokenizer, base.window
-        too_long = [n for n in synthetic_lengths if n > min(r[2] for r in runs)]
+        reach = min(r[2] for r in runs)  # the shortest max_length of the runs: --max_length, else the window
+        too_long = [n for n in synthetic_lengths if n > reach]
         if too_long:
-            log.warning("lengths %s exceed the %d-token window of %s: those passages will be truncated where no "
-                        "extension reaches them", ",".join(map(str, too_long)), window, base.name)
+            log.warning("lengths %s exceed the %d tokens %s reads (%s): those passages will be truncated where no "
+                        "extension reaches them", ",".join(map(str, too_long)), reach, base.name,
+                        "its window" if reach == window else "--max_length")
     tasks = build_tasks(names, tokenizer, lengths, synthetic=a.synthetic, source=a.source, n_queries=a.n_queries,
                         n_docs=a.n_docs, seed=a.seed, haystack=a.haystack)
     return runs, tasks
