@@ -2,6 +2,7 @@
 a checkpoint that records its heads and is pooled by them in eval / encode / the passkey check without
 ``--pooling``, overrides by name, and one-line errors (unknown name, an untrained learned head, export)."""
 
+import json
 import math
 
 import lightning as L
@@ -222,6 +223,9 @@ def test_run_directories_and_the_untrained_reference(student_ckpt, attention_ckp
     assert torch.equal(fresh.head.weight, saved["projection.weight"])
     assert torch.equal(load_embedder(str(run), device="cpu").model.embeddings.tok_embeddings.weight,
                        saved["student.embeddings.tok_embeddings.weight"])
+    (run / "run_info.json").write_text(json.dumps({"finished": True, "started": "1"}))
+    folder = load_embedder(str(run.parent), device="cpu")  # an experiment's folder: its newest finished run
+    assert folder.name == "version_0/last"
 
     path, query = attention_ckpt  # a trained (non-zero) attention query starts again at zero, i.e. the mean
     (path.parent.parent / "run_info.json").write_text("{}")

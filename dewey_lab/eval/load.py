@@ -4,7 +4,8 @@
   its projection are rebuilt from the checkpoint (hyper-parameters, the heads' record, weights) and it
   pools with the whole-text head it trained unless ``pooling`` says otherwise; vectors live in the
   teacher's space, as trained. A run directory (``runs/<study>/<variant>``) means its
-  ``checkpoints/last.ckpt``, the end of its training.
+  ``checkpoints/last.ckpt``, the end of its training; an experiment's run folder (``runs/tiny``) its
+  newest finished run's.
 * ``untrained:<checkpoint or run directory>``: that run's student, heads and projection with freshly
   initialised weights (seed 0): the untrained reference of a study, same shape, same code path.
 * a sentence-transformers directory or hub id: the transformer's weights, with the pooling
@@ -297,8 +298,9 @@ UNTRAINED = "untrained:"
 
 
 def run_checkpoint(model: str) -> str | None:
-    """The checkpoint file ``model`` names: a ``.ckpt`` itself, or a run directory's ``checkpoints/last.ckpt``
-    (the end of its training); None for anything else (a hub id, a model directory)."""
+    """The checkpoint file ``model`` names: a ``.ckpt`` itself, a run directory's ``checkpoints/last.ckpt`` (the end
+    of its training), or an experiment's run folder's newest finished run's; None for anything else (a hub id, a
+    model directory)."""
     if model.endswith(".ckpt"):
         return model
     path = Path(model)
@@ -308,6 +310,10 @@ def run_checkpoint(model: str) -> str | None:
             raise FileNotFoundError(f"run {model} has no checkpoints/last.ckpt; finish (or resume) its training "
                                     "first, or name one of its checkpoints")
         return str(last)
+    if path.is_dir() and any(path.glob("*/run_info.json")):  # an experiment's run folder: its newest finished run
+        from dewey_lab.runs.checkpoint import start_checkpoint
+
+        return str(start_checkpoint(model))
     return None
 
 

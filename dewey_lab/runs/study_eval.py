@@ -51,9 +51,12 @@ def run_eval(config: Path, out_dir: Path) -> dict:
 
 
 def is_student(model: str) -> bool:
-    """Whether an eval run's model spec names a training run's student: a ``.ckpt``, a run directory, or
-    ``untrained:<run>``; anything else (a hub id, a model directory, ``bm25``) is a reference model."""
-    return model.startswith("untrained:") or model.endswith(".ckpt") or (Path(model) / "run_info.json").is_file()
+    """Whether an eval run's model spec names a training run's student: a ``.ckpt``, a run directory, an
+    experiment's run folder or ``untrained:<run>``; anything else (a hub id, a model directory, ``bm25``) is a
+    reference model."""
+    path = Path(model)
+    return (model.startswith("untrained:") or model.endswith(".ckpt") or (path / "run_info.json").is_file()
+            or (path.is_dir() and any(path.glob("*/run_info.json"))))
 
 
 def references(payload: dict) -> set[str]:
