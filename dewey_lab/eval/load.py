@@ -318,9 +318,11 @@ def run_checkpoint(model: str) -> str | None:
 
 
 def reinitialise(module, seed: int = 0):
-    """``module`` (a DistillModule) with every weight drawn afresh under ``seed`` as a ``dewey-lab fit`` run seeded
-    ``seed`` starts: the student built from its config (a pretrained student: its pretrained weights), the
-    projection drawn as DistillModule draws it, learned pooling heads at their initial values."""
+    """``module`` (a DistillModule) with every weight drawn afresh under ``seed``: the student built from its
+    config right after seeding (a pretrained student: its pretrained weights), the projection drawn as
+    DistillModule draws it (from the seed itself), learned pooling heads at their initial values. The values
+    of a module built right after seeding; a fit run's student may differ where the run drew random numbers
+    before building it: same distribution, not the same draw."""
     from dewey_lab.model.student import build_student
 
     torch.manual_seed(seed)
