@@ -7,9 +7,9 @@ multi-vector, from one forward pass per passage. TensorBoard gets
 * scalars ``val/passkey@<len>``, ``val/needle@<len>`` (single vector, Acc@1), their multi-vector
   twins ``val/passkey_multi@<len>``, and the mean over lengths ``val/passkey_avg``;
 * a heat map per task and mode (length x step, Acc@1 in each cell) under ``val/<task>_<mode>_map``,
-* the untrained student's average (the check at step 0) beside every later check, ``ref/<task>_avg_step0``
-  (``ref/<task>_multi_avg_step0``), so a curve reads against where it started; a resumed run keeps it
-  (the scores so far are in the checkpoint),
+* the average at step 0 (the run's start: untrained, or its ``model.init_from``) beside every later
+  check, ``ref/<task>_avg_step0`` (``ref/<task>_multi_avg_step0``), so a curve reads against where it
+  started; a resumed run keeps it (the scores so far are in the checkpoint),
 
 so the effect of a RoPE theta or a loss weight on long-context retrieval shows while the run is
 still going. The sets are generated once (same documents at every check) in the student's tokens.
@@ -162,7 +162,7 @@ class PasskeyCallback(L.Callback):
             name, mode = key.rsplit("_", 1)
             suffix = "" if mode == "single" else f"_{mode}"
             scalars[f"val/{name}{suffix}_avg"] = sum(per_step[step].values()) / len(per_step[step])
-            if 0 in per_step and step > 0:  # the untrained student's score, beside every later one
+            if 0 in per_step and step > 0:  # where the run started, beside every later score
                 scalars[f"ref/{name}{suffix}_avg_step0"] = sum(per_step[0].values()) / len(per_step[0])
         if trainer.logger is not None:
             trainer.logger.log_metrics(scalars, step=step)

@@ -8,7 +8,7 @@ are grouped by their identity (``dewey_lab.runs.identity``) and by scale: runs o
 table of their own, never in the same rows. Where a run kept its last check's per-query results
 (``passkey_last.json``, written by ``PasskeyCallback``), passkey / needle cells carry a 95% bootstrap
 interval and ``*`` marks a variant that differs from the first one (paired test over the same queries);
-``<task> avg, step 0`` is the untrained student's score (the callback's first check). A study whose file
+``<task> avg, step 0`` is the score where the run started (the callback's check at step 0). A study whose file
 names a post-fit evaluation (``# eval: <file>``) gets it run and reported too (``dewey_lab.runs.study_eval``).
 """
 
@@ -147,7 +147,7 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
             cells += [_with_interval(synth.get(t, {}).get(n, float("nan")), st.get(f"{t}@{n}")) for t in tasks
                       for n in lengths]
             cells += [_with_interval(_average(synth.get(t, {}), lengths), st.get(f"{t}_avg")) for t in tasks]
-            start = {t: [v for step, v in s.get(f"val/{t}_avg", []) if step == 0] for t in tasks}  # untrained
+            start = {t: [v for step, v in s.get(f"val/{t}_avg", []) if step == 0] for t in tasks}  # the start
             cells += [f"{start[t][0]:.2f}" if start[t] else "" for t in tasks]
             rate = info.get("data", {}).get("teacher_cache_hit_rate")
             cells += [str(info.get("wall_seconds", "")), "" if rate is None else f"{rate:.3f}",
