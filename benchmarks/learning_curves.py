@@ -56,6 +56,7 @@ def report(found: dict[str, dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     lines = ["# Learning curves against tokens read", "",
              "Tokens: student tokens (special tokens included) of the run's training windows, rebuilt from its "
@@ -86,6 +87,7 @@ def report(found: dict[str, dict], out: Path) -> None:
             if base:
                 ax.axhline(base[-1][2], linestyle="--", color=line.get_color(), alpha=0.6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor labels overlap on a short axis
         ax.set_xlabel("student tokens read")
         ax.set_title(key)
         if key == "train/loss":
