@@ -297,20 +297,33 @@ UNTRAINED = "untrained:"
 """Model prefix: the named run's architecture with freshly initialised weights."""
 
 
+def run_kind(model: str) -> str | None:
+    """What ``model`` names of a training run: ``"ckpt"`` (a checkpoint file), ``"run"`` (a fit run directory),
+    ``"folder"`` (an experiment's run folder: run directories below it), or None (a hub id, a model directory)."""
+    if model.endswith(".ckpt"):
+        return "ckpt"
+    path = Path(model)
+    if (path / "run_info.json").is_file():
+        return "run"
+    if path.is_dir() and any(path.glob("*/run_info.json")):
+        return "folder"
+    return None
+
+
 def run_checkpoint(model: str) -> str | None:
     """The checkpoint file ``model`` names: a ``.ckpt`` itself, a run directory's ``checkpoints/last.ckpt`` (the end
     of its training), or an experiment's run folder's newest finished run's; None for anything else (a hub id, a
     model directory)."""
-    if model.endswith(".ckpt"):
+    kind = run_kind(model)
+    if kind == "ckpt":
         return model
-    path = Path(model)
-    if path.is_dir() and (path / "run_info.json").is_file():  # a dewey-lab fit run directory
-        last = path / "checkpoints" / "last.ckpt"
+    if kind == "run":
+        last = Path(model) / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise FileNotFoundError(f"run {model} has no checkpoints/last.ckpt; finish (or resume) its training "
                                     "first, or name one of its checkpoints")
         return str(last)
-    if path.is_dir() and any(path.glob("*/run_info.json")):  # an experiment's run folder: its newest finished run
+    if kind == "folder":  # its newest finished run
         from dewey_lab.runs.checkpoint import start_checkpoint
 
         return str(start_checkpoint(model))

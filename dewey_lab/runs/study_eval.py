@@ -54,9 +54,9 @@ def is_student(model: str) -> bool:
     """Whether an eval run's model spec names a training run's student: a ``.ckpt``, a run directory, an
     experiment's run folder or ``untrained:<run>``; anything else (a hub id, a model directory, ``bm25``) is a
     reference model."""
-    path = Path(model)
-    return (model.startswith("untrained:") or model.endswith(".ckpt") or (path / "run_info.json").is_file()
-            or (path.is_dir() and any(path.glob("*/run_info.json"))))
+    from dewey_lab.eval.load import UNTRAINED, run_kind
+
+    return model.startswith(UNTRAINED) or run_kind(model) is not None
 
 
 def references(payload: dict) -> set[str]:
