@@ -43,7 +43,7 @@ class PasskeyCallback(L.Callback):
                  tasks: Sequence[str] = ("passkey", "needle"), n_queries: int = 50, n_docs: int = 100,
                  modes: Sequence[str] = ("single", "multi"), pooling: str | None = None, chunk_size: int = 256,
                  chunk_overlap: int = 64, seed: int = 0, haystack: str | None = None,
-                 check_at_start: bool = True, token_budget: int = 16384) -> None:
+                 check_at_start: bool = True, token_budget: int = 16384, query_pooling: str = "chunk") -> None:
         """
         Args:
             every_n_steps: optimizer steps between checks (also one at the end of training).
@@ -62,6 +62,9 @@ class PasskeyCallback(L.Callback):
             haystack: needle haystack file (.txt / .jsonl); None: the offline pydoc text.
             check_at_start: score the untrained student too (the heat map's first column).
             token_budget: padded tokens per forward pass.
+            query_pooling: how multi pools queries: ``chunk`` (the chunk head over the query's text tokens,
+                their mean: dewey_en_beta's rule, the default) or a whole-text head's name (``cls``: the rule
+                before 2026-12); ``DenseRetriever``'s argument.
         """
         super().__init__()
         known = ("passkey", "needle", *(f"deep/{s}" for s in DEEP_SOURCES))
@@ -74,7 +77,11 @@ class PasskeyCallback(L.Callback):
         self.every_n_steps, self.lengths, self.tasks = every_n_steps, sorted(lengths), list(tasks)
         self.n_queries, self.n_docs, self.modes, self.pooling = n_queries, n_docs, list(modes), pooling
         self.chunk_size, self.chunk_overlap, self.seed, self.haystack = chunk_size, chunk_overlap, seed, haystack
-        self.check_at_start, self.token_budget = check_at_start, token_budget
+        if query_pooling != "chunk" and query_pooling not in PoolingHead.choices():
+            names = ", ".join(PoolingHead.choices())
+            raise ValueError(f"PasskeyCallback query_pooling: unknown {query_pooling!r}; use chunk (the query's mean, "
+                             f"as its chunks are pooled) or one of {names}")
+        self.check_at_start, self.token_budget, self.query_pooling = check_at_start, token_budget, query_pooling
         self._tasks: list[RetrievalTask] | None = None
         self._tokenizer = None
         self._last_step = -1
@@ -141,7 +148,8 @@ class PasskeyCallback(L.Callback):
             return {}
         self._last_step = step
         embedder = self.embedder(pl_module)
-        retriever = DenseRetriever(embedder, self.modes, cache_dir=None, progress=False)
+        retriever = DenseRetriever(embedder, self.modes, cache_dir=None, progress=False,
+                                   query_pooling=self.query_pooling)
         scalars: dict[str, float] = {}
         per_query: dict = {}  # task -> mode -> length -> {"qids", "correct"}: passkey_last.json
         for task in self.generated(embedder.tokenizer):

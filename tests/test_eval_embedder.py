@@ -97,7 +97,7 @@ def _task():
 
 def test_dense_scores_are_cosines_and_multi_is_best_chunk(minilm, tmp_path):
     task = _task()
-    r = DenseRetriever(minilm, cache_dir=None, progress=False)
+    r = DenseRetriever(minilm, cache_dir=None, progress=False, query_pooling="mean")  # its own head on queries
     s = r.score(task)
     q = minilm.encode_queries(["why do cats purr", "market crash"])  # judged queries only
     enc = minilm.encode_passages(list(task.corpus.values()))
@@ -105,17 +105,78 @@ def test_dense_scores_are_cosines_and_multi_is_best_chunk(minilm, tmp_path):
     best = torch.stack([(q @ enc.chunks[enc.owner == j].T).max(1).values for j in range(3)], 1)
     assert torch.allclose(s["multi"], best, atol=1e-5)
     # the cache: a second retriever reads the same vectors without a forward pass
-    cached = DenseRetriever(minilm, cache_dir=str(tmp_path / "ec"), progress=False)
+    cached = DenseRetriever(minilm, cache_dir=str(tmp_path / "ec"), progress=False, query_pooling="mean")
     first = cached.score(task)
     calls = []
     hook = minilm.model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        again = DenseRetriever(minilm, cache_dir=str(tmp_path / "ec"), progress=False).score(task)
+        again = DenseRetriever(minilm, cache_dir=str(tmp_path / "ec"), progress=False,
+                               query_pooling="mean").score(task)
     finally:
         hook.remove()
     assert calls == [1]  # the queries only
     for mode in s:
         assert torch.allclose(first[mode], s[mode], atol=1e-5) and torch.equal(first[mode], again[mode])
+
+
+def _by_hand(student, tokenizer, prompt: str, text: str) -> tuple[torch.Tensor, list[int]]:
+    """(T, H) hidden states of ``prompt + text`` run alone, and the positions of its text tokens: not special
+    (offsets (0, 0)), not in the prompt (offset start before len(prompt))."""
+    enc = tokenizer(prompt + text, return_offsets_mapping=True)
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        h = student(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+    text_pos = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= len(prompt)]
+    return h, text_pos
+
+
+def test_multi_scores_mean_queries_against_chunks_by_default(student, tokenizer):
+    """dewey_en_beta's multi-vector rule: a passage scores max_c(mean(q) . chunk_c), the query pooled as its
+    chunks are (mean of its text tokens; no CLS, SEP or prompt); ``multi:cls`` keeps the trained CLS query."""
+    from dewey_lab.model.pooling import CLSPooling
+
+    e = Embedder(student, tokenizer, pooling=CLSPooling(), chunk_size=8, chunk_overlap=2, max_length=128,
+                 query_prompt="query: ", passage_prompt="doc: ")
+    corpus = {"d1": "cats purr on warm mats while the rain falls outside " * 3, "d2": "the stock market fell",
+              "d3": "a long report on the weather of the northern coast in spring and in autumn " * 2}
+    queries = {"q1": "why do cats purr", "q2": "weather on the coast"}
+    task = RetrievalTask("toy", corpus, queries, {"q1": {"d1": 1}, "q2": {"d3": 1}}).validate()
+    s = DenseRetriever(e, modes=("multi", "multi:cls"), cache_dir=None, progress=False).score(task)
+
+    def unit(v):
+        return v / v.norm()
+
+    q_mean, q_cls = [], []
+    for q in queries.values():
+        h, pos = _by_hand(student, tokenizer, "query: ", q)
+        q_mean.append(unit(h[pos].mean(0)))
+        q_cls.append(unit(h[0]))
+    ref_mean, ref_cls = torch.zeros(2, 3), torch.zeros(2, 3)
+    for j, text in enumerate(corpus.values()):
+        h, pos = _by_hand(student, tokenizer, "doc: ", text)
+        first, end = pos[0], pos[-1] + 1  # windows of 8, stride 6; the last one ends at the text's end
+        starts = list(range(first, end - 8, 6)) if end - first > 8 else []
+        spans = [(a, a + 8) for a in starts] + [(max(first, end - 8), end)]
+        chunks = torch.stack([unit(h[a:b].mean(0)) for a, b in spans])  # (C, H)
+        for i in range(2):
+            ref_mean[i, j] = (chunks @ q_mean[i]).max()
+            ref_cls[i, j] = (chunks @ q_cls[i]).max()
+    assert torch.allclose(s["multi"], ref_mean, atol=1e-5)
+    assert torch.allclose(s["multi:cls"], ref_cls, atol=1e-5)
+    assert not torch.allclose(ref_mean, ref_cls, atol=1e-3)  # the two rules differ on this model
+    r = DenseRetriever(e, modes=("single", "multi", "multi:cls"), cache_dir=None, progress=False)
+    assert r.pooling_of("multi")["query_pooling"].startswith("chunk(ChunkMeanPooling")
+    assert r.pooling_of("multi:cls")["query_pooling"] == "cls" == r.pooling_of("single")["passage_pooling"]
+
+
+def test_query_pooling_errors_name_the_choices(student, tokenizer):
+    e = Embedder(student, tokenizer, pooling="cls", max_length=64)
+    with pytest.raises(ValueError, match=r"unknown query_pooling 'bogus'; use chunk .* cls, mean, cls_mean"):
+        DenseRetriever(e, modes=("multi",), query_pooling="bogus")
+    with pytest.raises(ValueError, match="attention' has learned weights this model did not train"):
+        DenseRetriever(e, modes=("multi",), query_pooling="attention")
+    with pytest.raises(ValueError, match="unknown mode multi:<pooling> .bogus.; use chunk"):
+        DenseRetriever(e, modes=("multi:bogus",))
 
 
 def test_bm25_ranks_the_matching_document_first():

@@ -9,6 +9,10 @@ One forward pass per passage yields both views:
 * multi-vector: fixed token windows (``chunk_size``, ``chunk_overlap``; Dewey's examples use 256 /
   64; the last window is moved back to end at the text's end, so no chunk is a short tail) mean-pooled from the *same* hidden states (late chunking), so every chunk saw the whole
   passage as context and no chunk is encoded on its own;
+* query vectors for multi-vector scoring (``query_head``): by default the chunk head over the query's
+  whole run of text tokens (``TextAsChunk``; for the default chunk head, the mean of the query's text
+  tokens, prompt and specials excluded), so a query is pooled the way the passages' chunks are, as
+  dewey_en_beta scores ``max(q_mean . chunk)``; or any whole-text head by name (``cls``: the old rule);
 * extra single vectors (``embed(extra=...)``): other whole-text heads (e.g. ``mean`` beside a trained
   ``cls``) pooled from the same hidden states, through the same projection and normalisation, so a
   pooling comparison costs one forward pass, not one per head.
@@ -40,8 +44,9 @@ from torch import Tensor, nn
 
 from dewey_lab.data.items import text_token_mask
 from dewey_lab.model.attention import banded, can_band, key_masks
-from dewey_lab.model.pooling import ChunkMeanPooling, PoolingHead
+from dewey_lab.model.pooling import ChunkMeanPooling, PoolingHead, TextAsChunk
 
+QUERY_AS_CHUNK = "chunk"  # query_pooling: the chunk head over the query's text tokens (Dewey's mean query)
 BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-window SDPA
 CHARS_PER_TOKEN_BOUND = 32  # characters per token no real text exceeds on average (English: about 4)
 
@@ -144,6 +149,19 @@ class Embedder:
                              f"{self.pooling} head, so they cannot share a pass; evaluate pooling={name} "
                              "as its own run")
         return head
+
+    def query_head(self, name: str = QUERY_AS_CHUNK, where: str = "query_pooling") -> PoolingHead:
+        """The head that pools queries for multi-vector scoring: ``chunk`` (``TextAsChunk``: the chunk head
+        over the query's text tokens, Dewey's mean query) or a whole-text head by name (``extra_head``'s rules:
+        its own head for its own name, no untrained learned weights, the same tokenisation). One-line error
+        listing the choices for an unknown name."""
+        if name == QUERY_AS_CHUNK:
+            return TextAsChunk(self.chunk_head)
+        known = PoolingHead.choices()
+        if name not in known:
+            raise ValueError(f"unknown {where} {name!r}; use {QUERY_AS_CHUNK} (the chunk head over the query's text "
+                             f"tokens: Dewey's mean query, the default) or one of {', '.join(known)}")
+        return self.extra_head(name, where=where)
 
     @property
     def fingerprint_extra(self) -> str:
@@ -321,7 +339,8 @@ class Embedder:
         rows = torch.arange(B, device=hidden.device)
         batch = {"doc_row": rows, "doc_start": torch.zeros_like(rows),
                  "token_doc": torch.where(attn.bool(), rows.unsqueeze(1), -1),  # (B, T)
-                 "content_mask": content if self.mean_over == "content" else attn.bool()}  # what a mean reads
+                 "content_mask": content if self.mean_over == "content" else attn.bool(),  # what a mean reads
+                 "text_mask": content}  # text tokens only, whatever mean_over: what chunks pool (TextAsChunk)
         return [head(hidden, batch) for head in (self.whole_head, *heads)]
 
     def _embed_batch(self, items: list[Item], chunks: bool, extra: Mapping[str, PoolingHead] | None = None

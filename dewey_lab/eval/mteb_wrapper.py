@@ -9,7 +9,8 @@ scores as mteb does, and lets a checkpoint be evaluated like any mteb model.
   documents the passage path; mteb wraps it in its ``SearchEncoderWrapper`` for retrieval.
 * ``MTEBMultiVectorSearch``: mteb's ``SearchProtocol`` (``index`` / ``search``). ``index`` embeds every
   passage once as late chunks; a passage scores as its best chunk (max over chunks of query . chunk),
-  exactly as ``DenseRetriever``'s multi mode. Top-k is cut in trec_eval's order (score, then larger id).
+  queries pooled by ``query_pooling`` (default: as the chunks are, their mean), exactly as
+  ``DenseRetriever``'s multi mode. Top-k is cut in trec_eval's order (score, then larger id).
 * ``mteb_task``: the LEMB task's own class and metadata (name, split names, main score) whose
   ``load_data`` reads our ``RetrievalTask`` s instead of the hub, so local stand-ins run offline.
 * ``evaluate_mteb``: ``mteb.evaluate`` on those, rows keyed like ``dewey_lab.eval.run.evaluate``'s.
@@ -116,8 +117,9 @@ class MTEBMultiVectorSearch(MTEBEncoder):
 
     mode = "multi"
 
-    def __init__(self, embedder: Embedder, name: str | None = None) -> None:
+    def __init__(self, embedder: Embedder, name: str | None = None, query_pooling: str = "chunk") -> None:
         super().__init__(embedder, name)
+        self._query_head = embedder.query_head(query_pooling)  # DenseRetriever's rule for mode multi
         self._ids: list[str] = []
         self._chunks: Tensor | None = None
         self._owner: Tensor | None = None
@@ -144,7 +146,9 @@ class MTEBMultiVectorSearch(MTEBEncoder):
             raise RuntimeError("search() before index(): let mteb.evaluate drive the wrapper, or call index first")
         loader = create_dataloader(queries, task_metadata=task_metadata, prompt_type=PromptType.query,
                                    batch_size=encode_kwargs.get("batch_size", 32), num_proc=num_proc)
-        q = self.embedder.encode_queries(_texts(loader)).float()  # (Q, D)
+        head = self._query_head
+        enc = self.embedder.embed_queries(_texts(loader), extra=None if head is self.embedder.whole_head else {"q": head})
+        q = enc.extra.get("q", enc.single).float()  # (Q, D)
         scores = self.max_over_chunks(q)
         order = trec_order(scores, self._ids).argsort(dim=1, descending=True)  # trec_eval's ranking
         out: dict[str, dict[str, float]] = {}

@@ -1,10 +1,13 @@
 """Retrievers: a RetrievalTask in, one (queries x documents) score matrix per scoring mode out.
 
 * ``DenseRetriever``: an Embedder's vectors, cosine scores. Mode ``single`` scores the passage
-  vector; mode ``multi`` scores a passage as its best chunk (late chunking, Dewey's multi-vector
-  mode); mode ``single:<pooling>`` scores the passage vector of another whole-text head (``mean``
-  beside a trained ``cls``), queries pooled by that head too. All come from one forward pass per
-  passage. Passage vectors are written to an embedding cache (the teacher cache's SQLite store,
+  vector; mode ``multi`` scores a passage as its best chunk against the query pooled by
+  ``query_pooling`` (default ``chunk``: the chunk head over the query's text tokens, i.e. the query's
+  mean, as dewey_en_beta scores ``max_c(q_mean . chunk_c)``: query and chunks pooled the same way);
+  ``multi:<pooling>`` scores the same chunks against queries pooled by another head (``multi:cls``:
+  the trained CLS, this project's rule before 2026-12); mode ``single:<pooling>`` scores the passage
+  vector of another whole-text head (``mean`` beside a trained ``cls``), queries pooled by that head
+  too. All come from one forward pass per passage; ``pooling_of(mode)`` says how each side was pooled. Passage vectors are written to an embedding cache (the teacher cache's SQLite store,
   keyed by model + settings + text) block by block, so a killed evaluation resumes where it stopped
   and a rerun costs no forward pass; scores are accumulated block by block, so memory holds one
   block of vectors, not the corpus.
@@ -24,14 +27,26 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dewey_lab.data.store.vectors import VectorStore, cache_key
-from dewey_lab.eval.embedder import Embedder, Encoded, Item
+from dewey_lab.eval.embedder import QUERY_AS_CHUNK, Embedder, Encoded, Item
 from dewey_lab.eval.tasks.task import RetrievalTask
 from dewey_lab.model.pooling import PoolingHead
 
 log = logging.getLogger(__name__)
 
 MODES = ("single", "multi")
-"""The plain modes; ``single:<pooling>`` (a ``PoolingHead.choices()`` name) adds another whole-text head."""
+"""The plain modes; ``single:<pooling>`` (a ``PoolingHead.choices()`` name) adds another whole-text head,
+``multi:<query pooling>`` the late chunks against queries pooled another way."""
+
+
+def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """The modes, deduplicated; a one-line error for an unknown one (heads are checked by the embedder)."""
+    modes = tuple(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES and not m.startswith(("single:", "multi:"))]
+    if bad or not modes:
+        raise ValueError(f"unknown scoring mode {bad[0] if bad else ''!r}; use single, multi, single:<pooling> "
+                         f"or multi:<query pooling> with <pooling> one of {', '.join(PoolingHead.choices())} "
+                         "(multi:chunk is multi's default)")
+    return modes
 
 
 class DenseRetriever:
@@ -40,22 +55,25 @@ class DenseRetriever:
     Args:
         embedder: the model wrapper (pooling, prompts, window, chunking).
         modes: any of ``single`` (the embedder's own whole-text head), ``multi`` (best late chunk, queries
-            by the own head) and ``single:<pooling>``, ``<pooling>`` one of ``PoolingHead.choices()``:
-            queries and passages pooled by that head from the same forward pass (``single:cls`` on a model
-            whose head is ``cls`` is ``single``; a head with weights the model did not train is refused).
+            pooled by ``query_pooling``), ``multi:<query pooling>`` (the same chunks, queries pooled by that
+            head) and ``single:<pooling>``, ``<pooling>`` one of ``PoolingHead.choices()``: queries and
+            passages pooled by that head from the same forward pass (``single:cls`` on a model whose head is
+            ``cls`` is ``single``; a head with weights the model did not train is refused).
+        query_pooling: how mode ``multi`` pools queries: ``chunk`` (the chunk head over the query's text
+            tokens: Dewey's mean query) or a whole-text head's name (``Embedder.query_head``).
         cache_dir: embedding cache directory; None computes everything every time.
         block: passages per cache transaction and scoring step.
         progress: show tqdm bars.
     """
 
     def __init__(self, embedder: Embedder, modes: Sequence[str] = MODES, cache_dir: str | None = None,
-                 block: int = 256, progress: bool = True) -> None:
-        modes = tuple(dict.fromkeys(modes))
-        bad = [m for m in modes if m not in MODES and not m.startswith("single:")]
-        if bad or not modes:
-            raise ValueError(f"unknown scoring mode {bad[0] if bad else ''!r}; use single, multi or "
-                             f"single:<pooling> with <pooling> one of {', '.join(PoolingHead.choices())}")
+                 block: int = 256, progress: bool = True, query_pooling: str = QUERY_AS_CHUNK) -> None:
+        modes = check_modes(modes)
         self.embedder, self.modes, self.block, self.progress = embedder, modes, block, progress
+        # multi modes -> the head that pools their queries (the embedder's own head: mode single's vectors)
+        self.query_pooling = {m: m.partition(":")[2] or query_pooling for m in modes if m.split(":")[0] == "multi"}
+        self.query_heads = {m: embedder.query_head(name, where="query_pooling" if m == "multi" else "mode multi:<pooling>")
+                            for m, name in self.query_pooling.items()}
         # single:<pooling> -> its head; the embedder's own head is mode single's vectors, not a second copy
         heads = {m: embedder.extra_head(m.removeprefix("single:"), where="mode single:<pooling>")
                  for m in modes if m.startswith("single:")}
@@ -69,6 +87,16 @@ class DenseRetriever:
     def name(self) -> str:
         return self.embedder.name
 
+    def pooling_of(self, mode: str) -> dict[str, str]:
+        """{"query_pooling", "passage_pooling"}: how mode ``mode`` pooled each side, for every result row."""
+        e = self.embedder
+        if mode in self.query_heads:
+            chunks = f"late chunks {e.chunk_size}/{e.chunk_overlap} by {type(e.chunk_head).__name__}, best chunk"
+            return {"query_pooling": self.query_heads[mode].describe(), "passage_pooling": chunks}
+        head = self.extra.get(mode, e.whole_head)
+        name = f"{head.describe()}" + (f" over {e.mean_over} tokens" if "mean" in head.describe() else "")
+        return {"query_pooling": name, "passage_pooling": name}
+
     def _fp(self, kind: str) -> str:
         return f"{self.embedder.fingerprint}|{self.embedder.fingerprint_extra}|{kind}"
 
@@ -81,8 +109,11 @@ class DenseRetriever:
         """{mode: (Q, N) scores} for the task's judged queries (rows) and corpus (columns)."""
         e = self.embedder
         queries = list(task.judged_queries().values())
-        qe = e.embed_queries(queries, extra=self.extra)  # one pass for every head
+        own = e.whole_head
+        q_heads = {**self.extra, **{m: h for m, h in self.query_heads.items() if h is not own}}
+        qe = e.embed_queries(queries, extra=q_heads)  # one pass for every head
         q = qe.single  # (Q, D)
+        q_multi = {m: qe.extra.get(m, q) for m in self.query_heads}  # (Q, D) per multi mode
         doc_texts = list(task.corpus.values())
         items = e.tokenize(doc_texts, e.passage_prompt)
         self.truncated = sum(it.truncated for it in items)
@@ -96,10 +127,10 @@ class DenseRetriever:
             for mode, scores in out.items():
                 if mode in self.extra:
                     scores[:, lo:lo + len(idx)] = qe.extra[mode] @ extra[mode].T  # (Q, b)
-                elif mode != "multi":  # single, or single:<its own head>
+                elif mode not in q_multi:  # single, or single:<its own head>
                     scores[:, lo:lo + len(idx)] = q @ single.T  # (Q, b)
                 elif len(chunks):
-                    sims = q @ chunks.T  # (Q, M): a passage scores as its best chunk
+                    sims = q_multi[mode] @ chunks.T  # (Q, M): a passage scores as its best chunk
                     part = torch.full((Q, len(idx)), float("-inf"))
                     part.scatter_reduce_(1, owner.expand(Q, -1), sims, reduce="amax")
                     scores[:, lo:lo + len(idx)] = part
@@ -115,7 +146,7 @@ class DenseRetriever:
         """(single (b, D), chunks (M, D), owner (M,), {mode: (b, D)} per extra head) for one block, from the
         cache where it can: a passage with every key cached costs no forward pass, one missing any is
         embedded once (all heads), and only its missing keys are written."""
-        multi = "multi" in self.modes
+        multi = bool(self.query_heads)  # any multi mode needs the chunks
         if self.cache is None:
             enc = self._embed(items, multi, bar.update)
             return enc.single, enc.chunks, enc.owner, enc.extra

@@ -241,6 +241,33 @@ class ChunkMeanPooling(PoolingHead):
         return span_mean(hidden, batch["chunk_row"], batch["chunk_start"], batch["chunk_end"])
 
 
+class TextAsChunk(PoolingHead):
+    """A chunk head over each text's whole run of text tokens: a query pooled as the passages' late chunks are.
+
+    One text per row (``Embedder``'s layout, whose batch dict adds ``text_mask`` (B, T): the text tokens,
+    whatever ``content_mask`` holds). With ``ChunkMeanPooling`` it is the mean of the query's text tokens
+    (no CLS, SEP or prompt), dewey_en_beta's query vector in its multi-vector mode. A text without text
+    tokens (an empty query) pools its first token. Not a ``--pooling`` choice (no ``name``):
+    ``dewey_lab.eval.embedder.Embedder.query_head`` builds it for ``query_pooling=chunk``.
+    """
+
+    def __init__(self, chunk: PoolingHead) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    def describe(self) -> str:
+        return f"chunk({type(self.chunk).__name__} over the text tokens)"
+
+    def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        text = batch["text_mask"] & (batch["token_doc"] >= 0)  # (B, T): text tokens, contiguous per row
+        B, T = text.shape
+        has = text.any(1)  # (B,)
+        start = torch.where(has, text.int().argmax(1), 0)  # first text token
+        end = torch.where(has, T - text.flip(1).int().argmax(1), 1)  # one past the last
+        rows = torch.arange(B, device=hidden.device)
+        return self.chunk(hidden, {"chunk_row": rows, "chunk_start": start, "chunk_end": end})  # (B, H)
+
+
 def first_tokens(hidden: Tensor, batch: dict[str, Tensor]) -> Tensor:
     """Each text's first token state (B, H), wherever its row and offset."""
     return hidden[batch["doc_row"], batch["doc_start"]]
