@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## create .venv and install the package (EXTRAS=dev,hub,flash for more)
 
 train: setup ## train experiments/$(EXP).yaml, every variant of its sweep: (studies stack on SCALE=tiny)
-	$(if $(START),$(MAKE) train EXP=$(START) SCALE= START=)
+	$(if $(START),$(MAKE) train EXP=$(START) SCALE= START= VARIANT=)
 	$(VENV)/bin/dewey-lab sweep $(if $(SCALE),-c experiments/$(SCALE).yaml) -c experiments/$(EXP).yaml $(if $(VARIANT),--sweep_index $(VARIANT))
 
 compare: setup ## results/$(EXP)/report.md and plots from the study's runs (runs/$(EXP)/), and its '# eval:' study

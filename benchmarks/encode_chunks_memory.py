@@ -28,7 +28,7 @@ def measure(length: int, how: str) -> dict:
 
     from dewey_lab.encode import Encoder
     from dewey_lab.eval.embedder import Embedder
-    from dewey_lab.eval.tasks.synthetic import default_haystack
+    from dewey_lab.eval.tasks.heldout import default_haystack
     from dewey_lab.model.student import StudentConfig, build_student, load_tokenizer
     from dewey_lab.resolve import OFFLINE_TEACHER
 
@@ -37,7 +37,7 @@ def measure(length: int, how: str) -> dict:
     spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
                          config={**TINY_STUDENT, "max_position_embeddings": 8192})  # tiny.yaml
     model = build_student(spec, tok).eval()
-    hay = default_haystack()[:200_000]  # ~40k tokens of pydoc text, repeated as needed
+    hay = default_haystack()[:200_000]  # ~40k tokens of the evaluation-only text, repeated as needed
     ids = tok(hay, add_special_tokens=False, verbose=False)["input_ids"]
     reps = length // len(ids) + 1
     text = tok.decode((ids * reps)[: length - 2])  # ~length tokens with CLS and SEP

@@ -31,6 +31,7 @@ from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.retrieval import DenseRetriever
 from dewey_lab.eval.stats import per_query as per_query_metrics
 from dewey_lab.eval.tasks.deep import SOURCES as DEEP_SOURCES
+from dewey_lab.eval.tasks.semantic import KINDS as SEMANTIC_KINDS
 from dewey_lab.eval.tasks.task import RetrievalTask
 from dewey_lab.model.pooling import PoolingHead
 from dewey_lab.runs.compare import PER_QUERY_FILE
@@ -48,10 +49,12 @@ class PasskeyCallback(L.Callback):
         Args:
             every_n_steps: optimizer steps between checks (also one at the end of training).
             lengths: document lengths in the student's tokens.
-            tasks: any of passkey, needle, and the real-text checks deep/pydoc, deep/langref (a sentence from
-                deep inside held-out text, ``dewey_lab.eval.tasks.deep``; documents cut to the longest length,
-                sentences from min(1024, a quarter of it) tokens in; a ``.jsonl`` haystack is their pydoc corpus;
-                logged as ``val/deep_pydoc`` nDCG@10 and ``ref/deep_pydoc_step0``, no heat map).
+            tasks: any of passkey, needle, and the real-text checks deep/heldout, deep/langref (a sentence from
+                deep inside text no student trained on, ``dewey_lab.eval.tasks.deep``; sentences from
+                min(1024, a quarter of the longest length) tokens in; a ``.jsonl`` haystack stands in for the
+                pydoc corpus their sentences are checked against), semantic/summary, semantic/concat (a
+                module's summary finds its text, ``dewey_lab.eval.tasks.semantic``); documents cut to the
+                longest length; logged as ``val/deep_heldout`` nDCG@10 and ``ref/deep_heldout_step0``, no heat map.
             n_queries, n_docs: per length (LongEmbed: 50 over 100 shared candidates).
             modes: single and / or multi (late-chunked, best chunk).
             pooling: single-vector pooling: None scores the whole-text head being trained
@@ -59,7 +62,8 @@ class PasskeyCallback(L.Callback):
                 (``PoolingHead.choices()``: cls, mean, cls_mean, ...) scores that one instead.
             chunk_size, chunk_overlap: multi-vector windows in tokens.
             seed: the generated sets' seed.
-            haystack: needle haystack file (.txt / .jsonl); None: the offline pydoc text.
+            haystack: needle haystack file (.txt / .jsonl); None: the evaluation-only text
+                (``dewey_lab.eval.tasks.heldout``).
             check_at_start: score the untrained student too (the heat map's first column).
             token_budget: padded tokens per forward pass.
             query_pooling: how multi pools queries: ``chunk`` (the chunk head over the query's text tokens,
@@ -67,7 +71,7 @@ class PasskeyCallback(L.Callback):
                 before 2026-12); ``DenseRetriever``'s argument.
         """
         super().__init__()
-        known = ("passkey", "needle", *(f"deep/{s}" for s in DEEP_SOURCES))
+        known = ("passkey", "needle", *(f"deep/{s}" for s in DEEP_SOURCES), *(f"semantic/{k}" for k in SEMANTIC_KINDS))
         bad = [t for t in tasks if t not in known]
         if bad:
             raise ValueError(f"PasskeyCallback tasks: unknown {bad[0]!r}; use any of {', '.join(known)}")
@@ -87,7 +91,7 @@ class PasskeyCallback(L.Callback):
         self._last_step = -1
         self._hashes: dict[str, str] = {}  # task label -> set hash (passkey_last.json)
         self.history: dict[str, dict[int, dict[int, float]]] = {}  # "passkey_single" -> step -> length -> acc
-        self.real_history: dict[str, dict[int, float]] = {}  # "deep_pydoc_multi" -> step -> nDCG@10
+        self.real_history: dict[str, dict[int, float]] = {}  # "deep_heldout_multi" -> step -> nDCG@10
 
     # -- when ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,18 +110,23 @@ class PasskeyCallback(L.Callback):
     def generated(self, tokenizer) -> list[RetrievalTask]:
         if self._tasks is None:
             from dewey_lab.eval.tasks.deep import make_deep
-            from dewey_lab.eval.tasks.synthetic import make_synthetic, read_haystack
+            from dewey_lab.eval.tasks.heldout import read_haystack
+            from dewey_lab.eval.tasks.semantic import make_semantic
+            from dewey_lab.eval.tasks.synthetic import make_synthetic
 
             needs = self.haystack and "needle" in self.tasks
-            text = read_haystack(self.haystack) if needs else None  # None: the offline pydoc text
+            text = read_haystack(self.haystack) if needs else None  # None: the evaluation-only text
             room = max(self.lengths) - tokenizer.num_special_tokens_to_add(pair=False)
             corpus = {"corpus_path": self.haystack} if str(self.haystack).endswith(".jsonl") else {}
-            self._tasks = [t for kind in self.tasks if not kind.startswith("deep/")
+            self._tasks = [t for kind in self.tasks if kind in ("passkey", "needle")
                            for t in make_synthetic(kind, tokenizer, self.lengths, n_queries=self.n_queries,
                                                    n_docs=self.n_docs, seed=self.seed, haystack=text)]
             self._tasks += [make_deep(kind.removeprefix("deep/"), tokenizer, n_queries=self.n_queries, max_tokens=room,
                                       min_depth=min(1024, room // 4), seed=self.seed, **corpus)
                             for kind in self.tasks if kind.startswith("deep/")]
+            self._tasks += [make_semantic(kind.removeprefix("semantic/"), tokenizer, n_queries=self.n_queries,
+                                          n_docs=self.n_docs, max_tokens=room, seed=self.seed)
+                            for kind in self.tasks if kind.startswith("semantic/")]
         return self._tasks
 
     def embedder(self, pl_module) -> Embedder:

@@ -1,11 +1,10 @@
-"""deep/pydoc and deep/langref: each query a sentence from deep inside one real document.
+"""deep/heldout and deep/langref: each query a sentence from deep inside one real document.
 
-Checked against references written here: a hand-written normalisation, the split recomputed with
-hashlib, depths re-counted by tokenizing the text before each sentence, lengths by tokenizing the
-documents, and pydoc pages rendered in this process.
+Checked against references written here: a hand-written normalisation, depths re-counted by
+tokenizing the text before each sentence, lengths by tokenizing the documents, pydoc pages
+rendered in this process, and word runs shared with them found by a plain set of word tuples.
 """
 
-import hashlib
 import importlib
 import json
 import logging
@@ -17,12 +16,13 @@ from pydoc_data.topics import topics
 import pytest
 
 from dewey_lab.eval.tasks.deep import make_deep
+from dewey_lab.eval.tasks.heldout import EVAL_PACKAGES, heldout_documents, package_versions
 
-VAL = 0.5  # the ten-module test corpus holds out 8 pages at 0.5 (4 long enough for depth 1024)
-PYDOC = {"n_queries": 12, "max_tokens": 4096, "min_depth": 1024, "val_fraction": VAL}
+HELDOUT = {"n_queries": 50, "max_tokens": 8190, "min_depth": 1024}  # the defaults of --lengths 8k
 LANGREF = {"n_queries": 10_000, "max_tokens": 8192, "min_depth": 1024}  # every candidate
 MIN_WORDS, MAX_WORDS = 8, 40
-RENDERED = ("builtins", "operator", "types", "string")  # str/dict/number docstrings, near langref's text
+RENDERED = ("builtins", "operator", "types", "string", "pdb")  # str/dict/number docstrings, pdb's commands:
+SHARED_WORDS = 32                                                # near langref's text
 
 
 def flat(text):
@@ -30,9 +30,12 @@ def flat(text):
     return " ".join(word for line in text.split("\n") for word in line.lstrip(" \t|").split())
 
 
-def held_out(doc_id, fraction):
-    """windows.py's split, by hand: sha256 of the id, first 8 bytes little-endian, over 2**64."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little") / 2**64 < fraction
+def shares_a_run(text, pages, n=SHARED_WORDS):
+    """Whether ``text`` and any of ``pages`` (all flattened, lower-cased) share n consecutive words."""
+    seen = {tuple(words[i:i + n]) for page in pages for words in [flat(page).lower().split()]
+            for i in range(len(words) - n + 1)}
+    words = flat(text).lower().split()
+    return any(tuple(words[i:i + n]) in seen for i in range(len(words) - n + 1))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,8 @@ def rendered_pages(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pydoc_task(tokenizer, small_corpus_path):
-    return make_deep("pydoc", tokenizer, corpus_path=str(small_corpus_path), **PYDOC)
+def heldout_task(tokenizer, small_corpus_path):
+    return make_deep("heldout", tokenizer, corpus_path=str(small_corpus_path), **HELDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +58,14 @@ def langref_task(tokenizer, rendered_pages):
 
 
 @pytest.fixture(scope="module")
-def sources(small_corpus_path):
-    """What each task was cut from: the corpus file's pages and the topics."""
-    rows = [json.loads(line) for line in small_corpus_path.read_text().splitlines() if line.strip()]
-    return {"pydoc": {r["id"]: r["text"] for r in rows}, "langref": topics}
+def sources():
+    """What each task was cut from: the networkx modules' docstrings and the topics."""
+    return {"heldout": {d: doc.text for d, doc in heldout_documents().items()}, "langref": topics}
 
 
-@pytest.fixture(params=["pydoc", "langref"])
-def task(request, pydoc_task, langref_task):
-    return {"pydoc": pydoc_task, "langref": langref_task}[request.param]
+@pytest.fixture(params=["heldout", "langref"])
+def task(request, heldout_task, langref_task):
+    return {"heldout": heldout_task, "langref": langref_task}[request.param]
 
 
 def test_each_query_is_in_exactly_its_document(task):
@@ -104,21 +106,27 @@ def test_documents_are_cut_at_whitespace_to_max_tokens(task, tokenizer, sources)
     assert n_cut == task.meta["n_cut"] >= 1
 
 
-def test_pydoc_documents_are_the_held_out_pages(pydoc_task, sources):
-    pages = sources["pydoc"]
-    expected = [doc_id for doc_id in pages if held_out(doc_id, VAL)]
-    assert list(pydoc_task.corpus) == expected and len(expected) == 8
-    assert pydoc_task.name == "deep/pydoc" and pydoc_task.meta["val_fraction"] == VAL
-    assert len(pydoc_task.queries) == PYDOC["n_queries"]
-    # round-robin: the first round takes one sentence from each document that has one
-    docs = [next(iter(rels)) for rels in pydoc_task.qrels.values()]
-    assert len(set(docs[:len(set(docs))])) == len(set(docs)) > 1
+def test_heldout_documents_are_the_evaluation_only_modules(heldout_task, sources):
+    assert list(heldout_task.corpus) == list(sources["heldout"]) and len(heldout_task.corpus) > 200
+    assert heldout_task.name == "deep/heldout" and heldout_task.meta["packages"] == package_versions()
+    assert all(d.split(".")[0] in EVAL_PACKAGES for d in heldout_task.corpus)
+    # one query per document at the defaults: queries in 50 documents (deep/pydoc had 10)
+    docs = [next(iter(rels)) for rels in heldout_task.qrels.values()]
+    assert len(heldout_task.queries) == 50 and len(set(docs)) == 50
+    assert heldout_task.meta["shared_dropped"] == []
 
 
-def test_langref_is_the_topics_without_pydoc_sentences(langref_task, rendered_pages):
-    assert langref_task.name == "deep/langref" and list(langref_task.corpus) == list(topics)
-    assert langref_task.meta["python"] == platform.python_version()
-    assert langref_task.meta["n_docs"] == len(topics) == 79
+def test_langref_is_the_topics_without_pydoc_text(langref_task, rendered_pages):
+    assert langref_task.name == "deep/langref" and langref_task.meta["python"] == platform.python_version()
+    assert len(topics) == 79
+    # a topic sharing a run of 32 words with a page is left out (debugger: pdb's docstring), the rest kept
+    sharing = [name for name, text in topics.items() if shares_a_run(text, rendered_pages[1].values())]
+    assert "debugger" in sharing and langref_task.meta["shared_dropped"] == sharing
+    assert list(langref_task.corpus) == [name for name in topics if name not in sharing]
+    # the deepest any topic goes: fewer than 50 of the 79 are longer than min_depth, so fewer than 50 hold
+    # queries; every topic with a candidate does (round-robin)
+    docs = {next(iter(rels)) for rels in langref_task.qrels.values()}
+    assert 10 < len(docs) < 50
     pages = [flat(text).lower() for text in rendered_pages[1].values()]
     assert not [q for q in langref_task.queries.values() if any(q.lower() in page for page in pages)]
     # the str / dict docstrings share a few sentences with the topics; those were dropped, not missed
@@ -127,26 +135,25 @@ def test_langref_is_the_topics_without_pydoc_sentences(langref_task, rendered_pa
     assert len(langref_task.queries) + meta["in_training_dropped"] == meta["n_candidates"]
 
 
-def test_seed_fixes_the_queries(tokenizer, small_corpus_path, pydoc_task):
-    again = make_deep("pydoc", tokenizer, corpus_path=str(small_corpus_path), **PYDOC)
+def test_seed_fixes_the_queries(tokenizer, small_corpus_path, heldout_task):
+    again = make_deep("heldout", tokenizer, corpus_path=str(small_corpus_path), **HELDOUT)
     assert (again.corpus, again.queries, again.qrels, again.meta) == (
-        pydoc_task.corpus, pydoc_task.queries, pydoc_task.qrels, pydoc_task.meta)
-    other = make_deep("pydoc", tokenizer, corpus_path=str(small_corpus_path), **PYDOC, seed=1)
-    assert other.corpus == pydoc_task.corpus and other.queries != pydoc_task.queries
+        heldout_task.corpus, heldout_task.queries, heldout_task.qrels, heldout_task.meta)
+    other = make_deep("heldout", tokenizer, corpus_path=str(small_corpus_path), **HELDOUT, seed=1)
+    assert other.corpus == heldout_task.corpus and other.queries != heldout_task.queries
 
 
-def test_fewer_sentences_than_asked_warns(tokenizer, small_corpus_path, caplog):
+def test_fewer_sentences_than_asked_warns(tokenizer, rendered_pages, caplog):
     with caplog.at_level(logging.WARNING, logger="dewey_lab.eval.tasks.deep"):
-        task = make_deep("pydoc", tokenizer, corpus_path=str(small_corpus_path),
-                         **{**PYDOC, "n_queries": 1000})
+        task = make_deep("langref", tokenizer, corpus_path=str(rendered_pages[0]), **{**LANGREF, "n_queries": 1000})
     assert len(task.queries) + task.meta["in_training_dropped"] == task.meta["n_candidates"] < 1000
     assert f"only {len(task.queries)} of 1000 queries" in caplog.text
 
 
 def test_bad_arguments_are_one_line_errors(tokenizer, small_corpus_path):
-    with pytest.raises(ValueError, match=r"unknown source 'wiki'; choose one of pydoc, langref") as err:
-        make_deep("wiki", tokenizer)
+    with pytest.raises(ValueError, match=r"unknown source 'pydoc'; choose one of heldout, langref") as err:
+        make_deep("pydoc", tokenizer)
     assert "\n" not in str(err.value)
-    # at 0.08 the ten-module corpus holds out only short pages (glob, shlex, fnmatch)
-    with pytest.raises(ValueError, match=r"no sentence qualifies .*; lower min_depth or raise val_fraction"):
-        make_deep("pydoc", tokenizer, corpus_path=str(small_corpus_path), min_depth=1024, val_fraction=0.08)
+    # no topic has a prose sentence 8000 tokens in before a cut at 8100
+    with pytest.raises(ValueError, match=r"no sentence qualifies .*; lower min_depth or raise max_tokens"):
+        make_deep("langref", tokenizer, corpus_path=str(small_corpus_path), min_depth=8099, max_tokens=8100)

@@ -126,7 +126,7 @@ def _by_hand(student, tokenizer, prompt: str, text: str) -> tuple[torch.Tensor, 
     ids = torch.tensor([enc["input_ids"]])
     with torch.no_grad():
         h = student(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
-    text_pos = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= len(prompt)]
+    text_pos = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a >= len(prompt)]
     return h, text_pos
 
 

@@ -74,10 +74,10 @@ def test_dense_scores_hostile_files_and_keeps_its_vectors(hostile, tmp_path, mon
 
     real, passages = Embedder.embed, []
 
-    def counting(self, items, chunks=True, progress=None):
+    def counting(self, items, chunks=True, progress=None, extra=None):
         if chunks:  # passages (queries are embedded with chunks=False and are not cached)
             passages.extend(items)
-        return real(self, items, chunks, progress)
+        return real(self, items, chunks, progress, extra)
 
     monkeypatch.setattr(Embedder, "embed", counting)
     again = _run(tmp_path, hostile, "--model", OFFLINE_TEACHER, "--mode", "both")

@@ -4,6 +4,7 @@ Checks are made against independent facts: the tokenizer's own count of each who
 the paper's sentence format parsed back with a regex, the haystack text itself.
 """
 
+import importlib.metadata
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ import re
 import pytest
 
 from dewey_lab.eval.tasks import synthetic
+from dewey_lab.eval.tasks.heldout import heldout_documents
 from dewey_lab.eval.tasks.needles import NEEDLES
 from dewey_lab.eval.tasks.synthetic import (
     PASSKEY_FILLER,
@@ -28,7 +30,7 @@ QUESTION_OF = {fact: question for fact, question in NEEDLES}
 
 @pytest.fixture(scope="module")
 def haystack(small_corpus_path):
-    """The ten-module pydoc corpus joined like default_haystack (~18k MiniLM tokens)."""
+    """A haystack of the caller's own: the ten-module pydoc corpus joined by blank lines (~18k MiniLM tokens)."""
     with open(small_corpus_path, encoding="utf-8") as f:
         return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
 
@@ -155,12 +157,19 @@ def test_make_synthetic_one_task_per_length(tokenizer, haystack):
     assert tasks[0].corpus == make_passkey(tokenizer, 256, n_queries=3, n_docs=4, seed=7).corpus
 
 
-def test_default_haystack_joins_and_memoizes(tokenizer, small_corpus_path, haystack):
-    text = default_haystack(str(small_corpus_path))
-    assert text == haystack
-    assert default_haystack(str(small_corpus_path)) is text
+def test_default_haystack_is_the_evaluation_only_text(tokenizer, haystack):
+    text = default_haystack()
+    assert default_haystack() is text  # memoized
+    # every networkx module's docstrings (rebuilt by import in tests/test_heldout.py), joined by blank lines
+    assert text == "\n\n".join(doc.text for doc in heldout_documents().values()) and len(text) > 1_000_000
+    default = make_needle(tokenizer, 256, n_queries=1, n_docs=2)
+    assert default.meta == {"source": "generated", "seed": 0, "haystack": "heldout",
+                            "packages": {"networkx": importlib.metadata.version("networkx")}}
+    for doc in default.corpus.values():  # the needle taken out again: the haystack's start
+        fact = the_fact(doc)
+        assert text.startswith(doc.replace(fact + " ", "", 1) if doc.startswith(fact) else doc.replace(" " + fact, "", 1))
     # passing the default text explicitly still records where it came from
-    assert make_needle(tokenizer, 256, text, n_queries=1, n_docs=2).meta["haystack"] == "pydoc"
+    assert make_needle(tokenizer, 256, text, n_queries=1, n_docs=2).meta["haystack"] == "heldout"
     assert make_needle(tokenizer, 256, haystack, n_queries=1, n_docs=2).meta["haystack"] == "custom"
 
 

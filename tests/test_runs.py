@@ -166,6 +166,43 @@ def test_compare_shows_intervals_and_marks_variants_against_the_first(tmp_path):
     assert (tmp_path / "results" / "st" / "passkey.png").stat().st_size > 0
 
 
+def test_compare_opens_with_the_endpoint_and_gives_seeds_and_holm(tmp_path):
+    """Two variants x two seeds (a sweep over seed_everything names them ``lr=1,seed_everything=0``, ...), 20 queries
+    at two lengths. The report opens with the declared endpoint, each variant's per-query scores averaged over its
+    seeds and paired; the seeds table gives the t-interval over seeds; the training table's marks are Holm-adjusted
+    over its 9 tests, and stats.json keeps the raw p beside the adjusted one."""
+    from dewey_lab.eval.stats import holm, paired_test, t_quantile
+    from dewey_lab.runs.compare import compare
+
+    root = tmp_path / "runs" / "st"
+    study = tmp_path / "st.yaml"
+    study.write_text("# Q?\n# endpoint: passkey single acc@1, lr=2 vs lr=1\n"
+                     "sweep:\n  model.lr: [1, 2]\n  seed_everything: [0, 1]\n")
+    right = {("lr=1", 0): 5, ("lr=1", 1): 7, ("lr=2", 0): 18, ("lr=2", 1): 20}
+    for i, ((variant, seed), k) in enumerate(right.items()):
+        c = [1] * k + [0] * (20 - k)
+        _fake_run(root, f"{variant},seed_everything={seed}", {"val/passkey@256": k / 20, "val/passkey@512": k / 20},
+                  {256: c, 512: c}, order=i)
+    report = compare("st", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"),
+                     study_file=str(study)).read_text()
+    assert report.startswith("# st\n\n## Primary endpoint (declared before the run)\n\n`passkey single acc@1, "
+                             "lr=2 vs lr=1`: the study file's `# endpoint:` line")
+    a = [(int(i < 18) + int(i < 20)) / 2 for i in range(20)] * 2  # lr=2, averaged over its seeds, both lengths
+    b = [(int(i < 5) + int(i < 7)) / 2 for i in range(20)] * 2
+    p = paired_test(a, b, groups=[256] * 20 + [512] * 20)["p"]
+    line = next(ln for ln in report.splitlines() if ln.startswith("| lr=2 − lr=1 |"))
+    assert line.startswith("| lr=2 − lr=1 | +65.00 | [") and line.endswith(f"| p = {p:.4g} |")
+    half = t_quantile(1) * 0.05  # seeds 0.90 and 1.00: sd 0.0707, se 0.05
+    assert "| lr=2 | 95.00 | [" in report and f"95% t-interval [{100 * (0.95 - half):.2f}, " in report
+    seeds = next(ln for ln in report.splitlines() if ln.startswith("| lr=2: single | 0, 1 |"))
+    assert f"95.00 seeds [{100 * (0.95 - half):.2f}, {100 * (0.95 + half):.2f}] queries [" in seeds
+    assert "Holm family (m = 9)" in report
+    record = json.loads((tmp_path / "results" / "st" / "stats.json").read_text())
+    tests = [t for run in record["training"]["tiny"].values() for t in run.values() if t["p"] is not None]
+    assert len(tests) == 9 and [t["p_holm"] for t in tests] == pytest.approx(holm([t["p"] for t in tests]))
+    assert record["endpoint"]["p"] == p and record["endpoint"]["a"]["seeds"] == [0, 1]
+
+
 def test_last_resumes_its_own_variant_while_another_is_newer_and_a_crash_says_how(
         tmp_path, small_corpus_path, shared_cache_dir, monkeypatch, capsys):
     """Variant 0 crashes inside training at step 3 (a RuntimeError: a crash, not bad input): its traceback,

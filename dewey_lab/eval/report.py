@@ -2,8 +2,10 @@
 
 A row is one (task, length, mode) with every metric; the summary averages the main metric over
 lengths per task (the paper's passkey / needle score) and, when all six LongEmbed tasks were run
-in a mode, their mean (the paper's "Avg."). Files are written whole or not at all (temp file +
-rename), so a crash never leaves a half-written result.
+in a mode, their mean (the paper's "Avg."). In a study every interval is a cluster bootstrap (queries on one
+document resample together) and every ``*`` a Holm-adjusted paired test against the mode's reference, the
+family being every test of the evaluation (``holm_family``). Files are written whole or not at all (temp
+file + rename), so a crash never leaves a half-written result.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dewey_lab.eval.stats import SIGNIFICANCE_RULE, bootstrap_ci, mark, paired_test
+from dewey_lab.eval.stats import SIGNIFICANCE_RULE, bootstrap_ci, holm, mark, paired_test
 from dewey_lab.files import atomic_write
 
 LONGEMBED_SIX = ("passkey", "needle", "narrativeqa", "qmsum", "2wikimqa", "summ_screen_fd")
+HOLM_FAMILY = ("every paired test against the reference in this evaluation: each other run x mode x task x "
+               "length, and each average over lengths")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -38,17 +42,23 @@ def add_statistics(rows: list[dict]) -> dict:
     """Intervals for the summary and paired tests against a reference, from the rows' ``per_query`` scores.
 
     The reference of a mode is its first run (``_run``: model + extension, e.g. the unextended model);
-    every other run of that mode is tested against it on the same task, length and queries, each row
-    gaining ``vs_ref`` {"ref", "diff", "lo", "hi", "p"}. Returns {"summary_ci": {run: {task: [lo, hi]}}
-    (stratified over lengths: the interval of the mean over lengths), "reference": {mode: run} and
-    "summary_vs_ref": {run: {task: {"diff", "lo", "hi", "p"}}} where there is more than one run}.
-    Rows without ``per_query`` (results written before it existed) get nothing.
+    rows marked ``context`` (a study's baselines and controls, ``run._context_runs``) get intervals only. Every
+    other run of that mode is tested against it on the same task, length and queries, each row
+    gaining ``vs_ref`` {"ref", "diff", "lo", "hi", "p", "p_holm"}. Intervals and tests are cluster bootstraps
+    and cluster sign flips over the rows' ``clusters`` (each query's relevant document; rows written before
+    it existed: one cluster per query). Returns {"summary_ci": {run: {task: [lo, hi]}} (stratified over
+    lengths: the interval of the mean over lengths), "reference": {mode: run},
+    "summary_vs_ref": {run: {task: {"diff", "lo", "hi", "p", "p_holm"}}} and "holm" (``holm_family``) where
+    there is more than one run}. Rows without ``per_query`` (results written before it existed) get nothing.
     """
     scored = [r for r in rows if r.get("per_query")]
     by_run: dict[str, dict[str, list[dict]]] = {}  # run -> task -> rows over lengths
     for r in scored:
         by_run.setdefault(_run(r), {}).setdefault(r["task"], []).append(r)
     summary_ci = {run: {t: _interval(*_stacked(rs)) for t, rs in tasks.items()} for run, tasks in by_run.items()}
+    scored = [r for r in scored if not r.get("context")]  # context rows (baselines, controls): intervals, no test
+    by_run = {run: tasks for run, tasks in by_run.items() if any(not r.get("context") for rs in tasks.values()
+                                                                 for r in rs)}
     reference: dict[str, str] = {}
     for r in scored:
         reference.setdefault(r["mode"], _run(r))
@@ -65,22 +75,58 @@ def add_statistics(rows: list[dict]) -> dict:
             refs = [ref_rows.get((mode, task, r["length"])) for r in rs]
             paired = [(r, f) for r, f in zip(rs, refs) if f is not None and f["qids"] == r["qids"]]
             for r, f in paired:
-                r["vs_ref"] = {"ref": reference[mode], **_rounded(paired_test(r["per_query"], f["per_query"]))}
+                r["vs_ref"] = {"ref": reference[mode], **_rounded(paired_test(r["per_query"], f["per_query"],
+                                                                              clusters=clusters_of(r)))}
             if paired and len(paired) == len(rs):  # the average only over the same lengths and queries
-                a, groups = _stacked([r for r, _ in paired])
-                b, _ = _stacked([f for _, f in paired])
-                vs.setdefault(run, {})[task] = _rounded(paired_test(a, b, groups=groups))
-    return {**out, "reference": reference, "summary_vs_ref": vs}
+                a, groups, clusters = _stacked([r for r, _ in paired])
+                b, _, _ = _stacked([f for _, f in paired])
+                vs.setdefault(run, {})[task] = _rounded(paired_test(a, b, groups=groups, clusters=clusters))
+    return {**out, "reference": reference, "summary_vs_ref": vs, "holm": holm_family(rows, vs)}
 
 
-def _stacked(rows: list[dict]) -> tuple[list[float], list]:
-    """Per-query scores of one run's rows over lengths, and each score's length (the bootstrap's strata)."""
+def holm_family(rows: list[dict], summary_vs_ref: dict) -> dict:
+    """Holm-adjust, in place, the family of every test against the reference in one evaluation: each row's
+    ``vs_ref`` (run x mode x task x length) and each average over lengths (``summary_vs_ref``; a task scored at
+    one length has one test, counted once). Each test gains ``p_holm`` beside its raw ``p``; returns
+    {"family": what the family is, "m": its size}, which the tables' captions quote."""
+    tests = [r["vs_ref"] for r in rows if r.get("vs_ref")]
+    rows_of: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("vs_ref"):
+            rows_of.setdefault((_run(r), r["task"]), []).append(r)
+    linked = []  # (summary test, the one row test it repeats)
+    for run, tasks in summary_vs_ref.items():
+        for task, test in tasks.items():
+            rs = rows_of.get((run, task), [])
+            if len(rs) == 1:
+                linked.append((test, rs[0]["vs_ref"]))
+            else:
+                tests.append(test)
+    for test, p in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = round(p, 6)
+    for test, same in linked:
+        test["p_holm"] = same["p_holm"]
+    return {"family": HOLM_FAMILY, "m": len(tests)}
+
+
+def clusters_of(row: dict) -> list:
+    """Each of a row's queries' cluster: ``clusters`` (its relevant document), else the query itself."""
+    clusters = row.get("clusters") or row["qids"]
+    if len(clusters) != len(row["per_query"]):
+        raise ValueError(f"{row.get('task')}: {len(clusters)} clusters for {len(row['per_query'])} queries; "
+                         "rerun dewey-lab eval to rewrite the results")
+    return list(clusters)
+
+
+def _stacked(rows: list[dict]) -> tuple[list[float], list, list]:
+    """Per-query scores of one run's rows over lengths, each score's length (the bootstrap's strata) and its
+    cluster."""
     values = [v for r in rows for v in r["per_query"]]
-    return values, [r["length"] for r in rows for _ in r["per_query"]]
+    return values, [r["length"] for r in rows for _ in r["per_query"]], [c for r in rows for c in clusters_of(r)]
 
 
-def _interval(values: list[float], lengths: list) -> list[float]:
-    return [round(x, 6) for x in bootstrap_ci(values, groups=lengths)[1:]]
+def _interval(values: list[float], lengths: list, clusters: list | None = None) -> list[float]:
+    return [round(x, 6) for x in bootstrap_ci(values, groups=lengths, clusters=clusters)[1:]]
 
 
 def _rounded(d: dict) -> dict:
@@ -96,6 +142,24 @@ def _run(row: dict) -> str:
     return f"{row['model']}: {label}" if "model" in row else label  # a study's rows name their model
 
 
+def pooling_lines(rows: list[dict]) -> list[str]:
+    """Markdown lines saying how each mode pooled queries and passages (the rows' ``query_pooling`` /
+    ``passage_pooling``, written by ``DenseRetriever.pooling_of``), one line per (mode, query, passages) with
+    the runs that share it; none for rows without them (BM25, the controls, results written before 2026-12)."""
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if r.get("query_pooling"):
+            runs = seen.setdefault((r["mode"], r["query_pooling"], r["passage_pooling"]), [])
+            name = r.get("model", "") + (f" + {r['extension']}" if r.get("extension", "none") != "none" else "")
+            if name and name not in runs:
+                runs.append(name)
+    if not seen:
+        return []
+    return ["How each mode pooled (query / passages):", "",
+            *(f"- {mode}: {q} / {p}" + (f" ({', '.join(runs)})" if runs else "")
+              for (mode, q, p), runs in seen.items()), ""]
+
+
 def markdown(payload: dict) -> str:
     """Per-length table for synthetic tasks (rows: lengths; columns: task x mode), then one row per
     real task, then the summary. Scores in percent; a dagger marks lengths where passages were
@@ -106,9 +170,11 @@ def markdown(payload: dict) -> str:
     lines.append("")
     if payload.get("reference"):  # a study: say what the marks compare with
         refs = "; ".join(f"{m}: {run}" for m, run in payload["reference"].items())
-        lines += [f"{SIGNIFICANCE_RULE} Reference per mode: {refs}.", ""]
+        lines += [f"{SIGNIFICANCE_RULE} {holm_caption(payload)} Reference per mode: {refs}.", ""]
     elif any("ci" in r for r in rows):
-        lines += ["[lo, hi]: 95% percentile bootstrap interval over queries.", ""]
+        lines += [("[lo, hi]: 95% percentile cluster-bootstrap interval over queries (documents resampled with "
+                   "their queries)."), ""]
+    lines += pooling_lines(rows)
     synth = [r for r in rows if r["length"] is not None]
     if synth:
         cols = list(dict.fromkeys((r["task"], _run(r)) for r in synth))
@@ -133,7 +199,7 @@ def markdown(payload: dict) -> str:
     lines += ["| mode | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     ci, vs = payload.get("summary_ci", {}), payload.get("summary_vs_ref", {})
     for mode, s in summary.items():
-        cells = [_score(s[t] / 100, ci.get(mode, {}).get(t), vs.get(mode, {}).get(t, {}).get("p")) if t in s else ""
+        cells = [_score(s[t] / 100, ci.get(mode, {}).get(t), vs.get(mode, {}).get(t, {}).get("p_holm")) if t in s else ""
                  for t in tasks]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     if any(r["truncated"] for r in rows):
@@ -145,10 +211,18 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def holm_caption(payload: dict) -> str:
+    """The sentence naming the Holm family of a payload's marks (computed now for results written before it)."""
+    info = payload.get("holm") or holm_family(payload["rows"], payload.get("summary_vs_ref", {}))
+    payload["holm"] = info
+    return f"Holm family (m = {info['m']}): {info['family']}; raw and adjusted p in the JSON."
+
+
 def _cell(row: dict, key: str = "main") -> str:
-    """``85.00 [70.00, 95.00] *``: the score, its interval and the significance mark, in percent."""
+    """``85.00 [70.00, 95.00] *``: the score, its interval and the significance mark (Holm-adjusted p), in
+    percent."""
     ci = row.get("ci" if key in ("main", row.get("main_metric")) else f"ci_{key}")
-    p = row.get("vs_ref", {}).get("p") if key in ("main", row.get("main_metric")) else None
+    p = row.get("vs_ref", {}).get("p_holm") if key in ("main", row.get("main_metric")) else None
     return _score(row[key], ci, p) + (" †" if row["truncated"] else "")
 
 

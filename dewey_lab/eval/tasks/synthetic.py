@@ -7,8 +7,8 @@ shared by 50 queries, each query with exactly one relevant document; the score i
   is <N>. Remember it. <N> is the pass key for <Name>." at a random depth; the query is
   "What is the pass key for <Name>?".
 - needle: one of the 100 facts in :mod:`dewey_lab.eval.tasks.needles` at a random depth of a long text
-  (by default the offline stdlib pydoc corpus instead of the paper's Paul Graham essays); the
-  query is the fact's question.
+  (by default the evaluation-only text of :mod:`dewey_lab.eval.tasks.heldout`, which no training
+  corpus holds, instead of the paper's Paul Graham essays); the query is the fact's question.
 
 Lengths are counted in the evaluated model's tokens, special tokens included: every document
 tokenizes to between ``length - 8`` and ``length`` tokens (exactly ``length`` for WordPiece).
@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import math
 import operator
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dewey_lab.data.pydoc import PydocCorpus
+from dewey_lab.eval.tasks.heldout import default_haystack, is_default_haystack, package_versions
 from dewey_lab.eval.tasks.needles import NEEDLES
 from dewey_lab.eval.tasks.task import RetrievalTask
 
@@ -71,7 +69,6 @@ _SLACK = 8  # a document may come out this many tokens short of its length, neve
 _SNAP_WINDOW = 32  # at most this many tokens an insertion moves to reach a sentence boundary
 _CONTEXT = 16  # tokens of unchanged source kept on each side of a join when counting locally
 _MAX_ROUNDS = 8
-_PYDOC_TEXTS: list[str] = []  # what default_haystack returned, to label needle tasks built on it
 _FULL_CHECK_CHARS = 1_000_000  # characters of whole documents tokenized per length as a check (~0.6 s)
 _WS_CODES = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
 _SENTENCE_ENDS = np.array([ord(c) for c in ".!?"], dtype=np.uint32)
@@ -135,7 +132,8 @@ def make_needle(
     Args:
         tokenizer: The evaluated model's (fast) tokenizer; lengths are counted in its tokens.
         length: Target document length in tokens, special tokens included.
-        haystack: The text to hide facts in; ``None`` means ``default_haystack()`` (stdlib pydoc).
+        haystack: The text to hide facts in; ``None`` means ``heldout.default_haystack()`` (the
+            evaluation-only text; ``meta["packages"]`` records their versions).
         n_queries: Queries, each the question of a different document's fact.
         n_docs: Candidate documents, each with a different fact (at most ``len(NEEDLES)``).
         seed: Seed; with ``length`` it fixes facts, depths and which documents get queries.
@@ -150,43 +148,13 @@ def make_needle(
         raise ValueError("needle: the haystack is empty; pass a long text as haystack= or use the default")
     rng = _rng("needle", length, seed)
     picked = rng.sample(NEEDLES, n_docs)
+    default = is_default_haystack(haystack)
     return _assemble(
         "needle", tokenizer, length, [fact for fact, _ in picked], [question for _, question in picked],
-        n_queries, rng, seed, "pydoc" if _is_pydoc(haystack) else "custom",
+        n_queries, rng, seed, "heldout" if default else "custom",
         lambda n_tokens: _haystack_source(tokenizer, text, n_tokens, length),
+        {"packages": package_versions()} if default else {},
     )
-
-
-def _is_pydoc(haystack: str | None) -> bool:
-    # identity, not equality: an equal text read by other means is still the caller's own choice
-    return haystack is None or any(haystack is text for text in _PYDOC_TEXTS)
-
-
-@functools.cache  # lru_cache without a bound: one entry per cache_path
-def default_haystack(cache_path: str = "data/pydoc_corpus.jsonl") -> str:
-    """The offline needle haystack: the stdlib pydoc pages joined by blank lines (~487k words).
-
-    Args:
-        cache_path: Where ``PydocCorpus`` keeps its jsonl; built there (~5 s) if missing.
-
-    Returns:
-        The concatenated text, memoized per path.
-    """
-    text = "\n\n".join(doc.text for doc in PydocCorpus(cache_path=cache_path).documents())
-    _PYDOC_TEXTS.append(text)  # so that passing default_haystack() explicitly is still labelled pydoc
-    return text
-
-
-def read_haystack(path: str) -> str:
-    """A needle haystack from a text file, or the ``text`` fields of a jsonl file, joined."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"haystack file {path} does not exist; give a .txt or .jsonl file, or omit "
-                                "--haystack for the offline pydoc text")
-    if p.suffix == ".jsonl":
-        return "\n\n".join(json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip())
-    return p.read_text()
-
 
 
 def make_synthetic(
@@ -207,7 +175,7 @@ def make_synthetic(
         n_queries: Queries per length.
         n_docs: Candidate documents per length.
         seed: Seed shared by all lengths (each length still draws differently).
-        haystack: Needle haystack (``None``: the pydoc default); ignored for passkey.
+        haystack: Needle haystack (``None``: the evaluation-only default); ignored for passkey.
 
     Returns:
         The tasks, in the order of ``lengths``.
@@ -391,6 +359,7 @@ def _assemble(
     seed: int,
     haystack_label: str,
     source_for: Callable[[int], _Source],
+    extra_meta: dict | None = None,
 ) -> RetrievalTask:
     # drawn after the names/keys/facts from the same stream, so one seed string fixes the whole task
     depths = [rng.random() for _ in inserts]
@@ -404,7 +373,7 @@ def _assemble(
         qrels={f"{prefix}-q{i:03d}": {f"{prefix}-d{i:03d}": 1} for i in targets},
         metric="ndcg@1",
         length=length,
-        meta={"source": "generated", "seed": seed, "haystack": haystack_label},
+        meta={"source": "generated", "seed": seed, "haystack": haystack_label, **(extra_meta or {})},
     ).validate()
 
 
