@@ -153,8 +153,8 @@ def test_killed_run_resumes_where_it_stopped(model, tokenizer, projection, tmp_p
 
 
 @pytest.mark.parametrize(("modes", "expect"), [
-    (("singel",), "unknown scoring mode 'singel'; use single, multi, single:<pooling> or multi:<query pooling> with "
-                    "<pooling> one of cls"),
+    (("singel",), ("unknown scoring mode 'singel'; use single, multi, single:<pooling> or multi:<query pooling> "
+                   "with <pooling> one of cls")),
     ((), "unknown scoring mode ''"),
     (("single:meen",), "unknown mode single:<pooling> 'meen'; use one of cls, mean"),
     (("single:attention",), "has learned weights this model did not train (its head is cls)"),
