@@ -136,10 +136,12 @@ class PasskeyCallback(L.Callback):
             self._tokenizer = load_tokenizer(pl_module.spec.tokenizer_name)
         whole = PoolingHead.pick(self.pooling, pl_module.whole_pooling, pl_module.student.config.hidden_size,
                                  where="PasskeyCallback pooling")  # None: the head being trained, weights and all
+        trainer = getattr(pl_module, "_trainer", None)  # the check embeds in the precision training runs in
+        bf16 = trainer is not None and str(trainer.precision).startswith("bf16")
         return Embedder(pl_module.student, self._tokenizer, head=pl_module.projection, pooling=whole,
                         chunk_pooling=pl_module.chunk_pooling, max_length=max(self.lengths),
-                        chunk_size=self.chunk_size, chunk_overlap=self.chunk_overlap,
-                        token_budget=self.token_budget, name="student", device=pl_module.device)
+                        chunk_size=self.chunk_size, chunk_overlap=self.chunk_overlap, token_budget=self.token_budget,
+                        name="student", device=pl_module.device, dtype=torch.bfloat16 if bf16 else None)
 
     @torch.no_grad()
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

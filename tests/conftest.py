@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# "auto" precision (trainer, eval, teacher) means fp32 here: the suite's exactness checks (packed = padded to 1e-4,
+# PCW = its reference to 1e-5, fp32 cache keys) are fp32 checks; tests/test_precision.py runs the bf16 side
+os.environ.setdefault("DEWEY_PRECISION", "32-true")
 
 import pytest
 import torch

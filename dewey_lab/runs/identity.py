@@ -68,8 +68,12 @@ def _without_nulls(value: Any) -> Any:
 
 def run_identity(config: dict, fingerprints: dict[str, str], scale: str = "base") -> dict:
     """``{"id": 12 hex digits, "config": flat config, "fingerprints": ..., "scale": ...}``; the id hashes
-    the config and the fingerprints (not the scale, which is only a name for the stacked files)."""
-    flat = flat_config(config)
+    the config and the fingerprints (not the scale, which is only a name for the stacked files). A
+    ``trainer.precision: auto`` is hashed as what it means here (``bf16-mixed`` or ``32-true``), as the fit
+    resolves it: a sweep's skip check and the fit it launches agree, and a bf16 run is not an fp32 one."""
+    from dewey_lab.precision import with_resolved_precision
+
+    flat = flat_config(with_resolved_precision(config))
     blob = json.dumps({"config": flat, "fingerprints": fingerprints}, sort_keys=True, default=str)
     return {"id": hashlib.sha256(blob.encode()).hexdigest()[:12], "config": flat,
             "fingerprints": dict(fingerprints), "scale": scale}
