@@ -40,7 +40,7 @@ def measure(length: int, path: str) -> dict:
             model(input_ids=ids, attention_mask=mask)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"length": length, "path": path, "seconds": round(seconds, 1), "peak_mib": int(peak),
+    return {"length": length, "path": path, "seconds": round(seconds, 3), "peak_mib": int(peak),
             "model_mib": int(base)}
 
 

@@ -5,10 +5,20 @@
 
 Sections, each on the same student, data and batch within it:
 
+* ``peak``: this machine's matmul ceiling, fp32 and bf16 GFLOP/s on the threads torch uses, at the
+  student's own GEMM shapes (4 x 2,048 tokens through hidden 256: QKV, attention out, GLU in, MLP out)
+  and a 2,048^3 square, best of ``--repeats``; and which bf16 matrix units the CPU has. The best bf16
+  figure at the student's shapes is the peak every MFU in this file is a fraction of. Any section that
+  reports an MFU measures it (and writes this section) even when ``peak`` is not asked for.
 * ``fill``: teacher-fill texts/s, ours (dedupe, length-sorted token-budget batches, cache) against
   ``SentenceTransformer.encode`` on the same texts; then a second fill (all cache hits).
 * ``train``: training real (non-padding) tokens/s, packed against padded, fixed-size and
   token-budget batches; the offline corpus's own lengths (whole documents cut at ``--max-length``).
+* ``precision``: fp32 against bf16 autocast, medians of ``--precision-repeat`` alternating runs in this
+  process: the small scale's training step (4 rows of 2,048 packed corpus tokens, SDPA, DistillModule's
+  losses, StableAdamW) and a study evaluation (an ``Embedder`` over passkey passages of 2k / 4k / 8k
+  tokens (``--embed-per-length`` of each, 7: 21 passages), late chunks on:
+  vectors/s and tokens/s).
 * ``st``: ours against sentence-transformers' distillation trainer (SentenceTransformerTrainer +
   MSELoss on the precomputed teacher vectors), same student init, texts and batch size.
 * ``stream``: a streamed corpus's costs (``data.stream``): reading and hashing a document (every
@@ -24,6 +34,16 @@ Sections, each on the same student, data and batch within it:
 Each training and long-passage case runs in its own process (``isolated.run_case``); the
 numbers are wall-clock and these machines are noisy, so compare ratios within one run.
 Benchmarks report; no test depends on them.
+
+MFU (model FLOP utilisation) = model FLOPs per real token x real tokens/s / the measured bf16 peak.
+FLOPs per token are ``bench_gpu.train_flops_per_token`` (6 N for the N non-embedding weights, plus
+12 x hidden x context per layer for attention, context = the token's own text on global layers and at
+most ModernBERT's 128-token window on local ones); inference and encoding count a third of it (2 N plus
+the forward attention term). An fp32 run is a fraction of the bf16 peak too (its own ceiling, the fp32
+peak, is beside it in ``peak``).
+
+A run of some sections (``--sections``) writes results/bench-<sections>.md unless ``--out``; with
+``--merge`` it rewrites those sections inside an existing report (results/bench.md) and keeps the rest.
 """
 
 from __future__ import annotations
@@ -41,11 +61,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from bench_gpu import SHAPES  # benchmarks/ is the script's own folder, on sys.path
+from bench_gpu import SHAPES, train_flops_per_token  # benchmarks/ is the script's own folder, on sys.path
 from isolated import TINY_STUDENT, run_case
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["fill", "train", "st", "stream", "multivector", "long", "cache", "gpu"]
+SECTIONS = ["peak", "fill", "train", "st", "precision", "stream", "multivector", "long", "cache", "gpu"]
+MFU_SECTIONS = {"train", "st", "precision", "multivector", "long"}
 TINY = {**TINY_STUDENT, "max_position_embeddings": 131072}
 
 
@@ -78,6 +99,168 @@ def student_module(config: dict, attn: str = "sdpa", seed: int = 0):
 
 def set_threads() -> None:
     torch.set_num_threads(min(os.cpu_count() or 1, 16))
+
+
+# -- peak and MFU ----------------------------------------------------------------------------------
+def student_gemms(config: dict, tokens: int = 4 * 2048) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the student's linear layers on ``tokens`` tokens (ModernBERT: fused QKV, a GLU whose
+    ``Wi`` is 2 x intermediate wide, ``Wo`` back to hidden)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    return {"qkv": (tokens, h, 3 * h), "attn out": (tokens, h, h), "mlp in (GLU)": (tokens, h, 2 * i),
+            "mlp out": (tokens, i, h)}
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 3, min_s: float = 0.2) -> float:
+    """Best-of-``repeats`` GFLOP/s (2 M K N per product) of an (M, K) @ (K, N) matmul in ``dtype``; each repeat
+    runs enough products to last ``min_s``."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: oneDNN picks and JITs its kernel
+    t0, calls = time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - t0 < min_s / 4:  # size a repeat
+        torch.mm(a, b, out=out)
+        calls += 1
+    per = (time.perf_counter() - t0) / calls
+    calls = max(1, int(min_s / max(per, 1e-9)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return 2 * m * k * n / best / 1e9
+
+
+def bench_peak(config: dict, repeats: int = 3, square: int = 2048, tokens: int = 4 * 2048,
+               min_s: float = 0.2) -> dict:
+    """fp32 and bf16 GFLOP/s per shape; ``peak_gflops``: the best bf16 figure at the student's shapes."""
+    from dewey_lab.precision import cpu_bf16_units
+
+    shapes = {**student_gemms(config, tokens), f"square {square}": (square, square, square)}
+    rows = [{"name": name, "mkn": mkn, **{key: matmul_gflops(*mkn, dtype, repeats, min_s)
+                                          for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}}
+            for name, mkn in shapes.items()]
+    student = [r for r in rows if not r["name"].startswith("square")]
+    return {"rows": rows, "threads": torch.get_num_threads(), "units": list(cpu_bf16_units()),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "peak_gflops": max(r["bf16"] for r in student), "fp32_peak_gflops": max(r["fp32"] for r in student)}
+
+
+def peak_lines(pk: dict, repeats: int) -> list[str]:
+    return [
+        "## Peak: matmul GFLOP/s on this CPU", "",
+        (f"{pk['threads']} torch threads; bf16 matrix units: {', '.join(pk['units']) or 'none'} (torch's CPU "
+         f"capability: {pk['capability']}). `torch.mm` of an (M, K) @ (K, N) pair, best of {repeats}; the "
+         "student's GEMMs are the small scale's (hidden 256, intermediate 512) on 4 x 2,048 tokens."), "",
+        "| GEMM | M x K x N | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |", "|---|---|---:|---:|---:|",
+        *[f"| {r['name']} | {' x '.join(map(str, r['mkn']))} | {fmt(r['fp32'], 0)} | {fmt(r['bf16'], 0)} | "
+          f"{fmt(r['bf16'] / r['fp32'])}x |" for r in pk["rows"]], "",
+        (f"**Peak for MFU: {fmt(pk['peak_gflops'], 0)} GFLOP/s**, the best bf16 figure at the student's shapes "
+         f"(fp32's best there: {fmt(pk['fp32_peak_gflops'], 0)} GFLOP/s). Every MFU in this file is a fraction "
+         "of the bf16 figure, fp32 runs included.")]
+
+
+def model_config(config: dict):
+    """The ModernBertConfig a student of ``config`` gets (layer types, local window) and its non-embedding
+    parameter count, built on the meta device (no weights)."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    cfg = ModernBertConfig(vocab_size=30522, pad_token_id=0, cls_token_id=101, sep_token_id=102, bos_token_id=101,
+                           eos_token_id=102, **config)  # the offline tokenizer's ids (the vocabulary is not counted)
+    with torch.device("meta"):
+        model = ModernBertModel(cfg)
+    return cfg, sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def flops_per_token(config: dict, texts: list[int], train: bool = True) -> float:
+    """Model FLOPs per real token (``bench_gpu.train_flops_per_token``); inference: a third of training's."""
+    cfg, params = model_config(config)
+    f = train_flops_per_token(cfg, params, texts)
+    return f if train else f / 3
+
+
+def mfu(tokens_per_s: float, config: dict, texts: list[int], peak_gflops: float, train: bool = True) -> float:
+    """Fraction of ``peak_gflops`` that ``tokens_per_s`` real tokens of ``texts``-long texts amount to."""
+    return tokens_per_s * flops_per_token(config, texts, train) / (peak_gflops * 1e9)
+
+
+def pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+# -- fp32 against bf16 ------------------------------------------------------------------------------
+def precision_train_cases(config: dict, rows: int = 4, length: int = 2048) -> tuple[dict, dict]:
+    """(cases, info): the small scale's training step, fp32 and bf16 autocast, on ``rows`` packed rows of
+    corpus texts (DistillModule's forward and losses, StableAdamW: what ``make train`` runs, without the
+    Trainer)."""
+    from bench_gpu import TOKENIZER, items_of, lengths_and_ids
+    from optimi import StableAdamW
+
+    from dewey_lab.data.items import collate
+    from dewey_lab.model.module import DistillModule
+    from dewey_lab.model.student import StudentConfig
+
+    torch.manual_seed(0)
+    items = items_of(lengths_and_ids(length, 64), 384)
+    take = 1
+    while take < len(items) and collate(items[:take + 1], pack_length=length)["input_ids"].shape[0] <= rows:
+        take += 1
+    batch = collate(items[:take], pack_length=length)
+    spec = StudentConfig(tokenizer=str(TOKENIZER), attn_implementation="sdpa", config=dict(config))
+    module = DistillModule(student=spec, teacher_dim=384, projection="linear")
+    opt = StableAdamW(module.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            emb = module(batch)
+        loss, _ = module.compute_losses(batch, emb)  # fp32 inside, as in training
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    texts = [len(it["input_ids"]) for it in items[:take]]
+    info = {"rows": batch["input_ids"].shape[0], "row_tokens": batch["input_ids"].shape[1], "texts": texts,
+            "real_tokens": int(batch["attention_mask"].sum())}
+    return {"fp32": lambda: step(False), "bf16": lambda: step(True)}, info
+
+
+def precision_embed_cases(config: dict, lengths=(2048, 4096, 8192), per_length: int = 7) -> tuple[dict, dict]:
+    """(cases, info): an ``Embedder`` of the small student (random init) over passkey passages of each
+    length, single vectors and late chunks, fp32 against ``dtype=bfloat16``."""
+    from dewey_lab.eval.embedder import Embedder
+    from dewey_lab.eval.tasks.synthetic import make_synthetic
+    from dewey_lab.model.student import StudentConfig, build_student, load_tokenizer
+    from dewey_lab.resolve import OFFLINE_TEACHER
+
+    torch.manual_seed(0)
+    student = build_student(StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
+                                          config={**config, "max_position_embeddings": max(lengths)})).eval()
+    tokenizer = load_tokenizer(OFFLINE_TEACHER)
+    docs = [d for task in make_synthetic("passkey", tokenizer, list(lengths), n_queries=1, n_docs=per_length)
+            for d in task.corpus.values()]
+    embedders = {name: Embedder(student, tokenizer, max_length=max(lengths), token_budget=8192, device="cpu",
+                                dtype=dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    e = embedders["fp32"]
+    items = e.tokenize(docs, e.passage_prompt)
+    texts = [len(it.input_ids) for it in items]
+    out = e.encode_passages(docs)
+    info = {"passages": len(docs), "texts": texts, "vectors": out.single.shape[0] + out.chunks.shape[0],
+            "chunks": out.chunks.shape[0]}
+    return {name: (lambda e=e: e.encode_passages(docs)) for name, e in embedders.items()}, info
+
+
+def bench_precision(config: dict, repeat: int, per_length: int = 7) -> dict:
+    """Median seconds of fp32 and bf16, alternating (``precision_ratio.interleave``), per case."""
+    from precision_ratio import interleave
+
+    set_threads()
+    out = {}
+    for name, build in (("train", precision_train_cases),
+                        ("embed", lambda c: precision_embed_cases(c, per_length=per_length))):
+        cases, info = build(config)
+        times = interleave(cases, repeat)
+        out[name] = {**info, "runs": times, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+    return out
 
 
 # -- fill -------------------------------------------------------------------------------------------
@@ -160,7 +343,7 @@ def train_case(a, layout: str, shape: str = "tiny", attn: str = "sdpa", device: 
                         precision="32-true", callbacks=[timer])
     trainer.fit(module, datamodule=dm)
     out = timer.summary()
-    out.update(layout=layout, shape=shape, attn=attn)
+    out.update(layout=layout, shape=shape, attn=attn, texts=[e.n_tokens for e in dm.examples()["train"]])
     return out
 
 
@@ -224,7 +407,8 @@ def st_case(a) -> dict:
     texts = a.batch_size * (len(ends) - a.warmup)
     mean_tokens = statistics.mean(e.n_tokens for e in examples)  # the same tokenizer and truncation
     return {"steps": len(ends) - a.warmup, "seconds": seconds, "texts_per_s": texts / seconds,
-            "real_tokens_per_s": texts * mean_tokens / seconds, "mean_text_tokens": mean_tokens}
+            "real_tokens_per_s": texts * mean_tokens / seconds, "mean_text_tokens": mean_tokens,
+            "texts": [e.n_tokens for e in examples]}
 
 
 # -- multi-vector ----------------------------------------------------------------------------------
@@ -270,8 +454,8 @@ def fmt(x: float, digits: int = 2) -> str:
 class Report:
     """results/bench.md, rewritten after every section so a crash keeps what was measured."""
 
-    def __init__(self, path: Path, argv: list[str]) -> None:
-        self.path, self.parts = path, []
+    def __init__(self, path: Path, argv: list[str], merge: bool = False) -> None:
+        self.path, self.parts, self.kept = path, [], []
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
         self.head = [
             "# Benchmarks", "",
@@ -279,11 +463,22 @@ class Report:
             (f"on {platform.node()}: {os.cpu_count()} CPU cores, {device}; torch {torch.__version__}; "
             f"{datetime.date.today().isoformat()}."), "",
             "Wall-clock and noisy: compare ratios within this file, which were all measured in one run.", ""]
+        if merge and path.exists():  # keep the old head and the sections this run does not rewrite
+            head, *sections = path.read_text().split("\n## ")
+            when = self.head[3]
+            self.head = [*head.rstrip("\n").splitlines(), "",
+                         (f"Sections marked *(updated)* were rerun by {self.head[2]} {when} Compare ratios "
+                          "within one section (one run)."), ""]
+            self.kept = [("## " + x).rstrip("\n").splitlines() + [""] for x in sections]
 
     def add(self, lines: list[str]) -> None:
-        self.parts.append(lines + [""])
+        title = lines[0]
+        self.kept = [p for p in self.kept if p[0] != title]
+        self.parts.append([title + (" *(updated)*" if self.head[-2].startswith("Sections marked") else ""),
+                           *lines[1:], ""])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n".join(self.head + [x for p in self.parts for x in p]))
+        self.path.write_text("\n".join(self.head + [x for p in self.parts + self.kept for x in p]).rstrip("\n")
+                             + "\n")
         print("\n".join(lines), flush=True)
 
 
@@ -300,14 +495,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per case")
     p.add_argument("--mv-lengths", default="1024,4096,16384")
     p.add_argument("--long-lengths", default="2048,8192,32768")
-    p.add_argument("--repeats", type=int, default=2, help="best of this many (multi-vector)")
+    p.add_argument("--repeats", type=int, default=2, help="best of this many (multi-vector; peak: at least 3)")
+    p.add_argument("--precision-repeat", type=int, default=5, help="alternating fp32 / bf16 runs per case (precision)")
+    p.add_argument("--embed-per-length", type=int, default=7, help="passages per length, 2k / 4k / 8k (precision)")
+    p.add_argument("--merge", action="store_true", help="rewrite only the sections run inside --out (default: "
+                   "results/bench.md), keeping its other sections")
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.mv_lengths = [int(x) for x in a.mv_lengths.split(",")]
     if a.one:  # a case in its own process
         kind, *rest = a.one
         result = {"train": lambda: train_case(a, *rest), "st": lambda: st_case(a), "fill": lambda: bench_fill(a),
-                  "mv": lambda: bench_multivector(a), "stream": lambda: bench_stream(a)}[kind]()
+                  "mv": lambda: bench_multivector(a), "stream": lambda: bench_stream(a),
+                  "precision": lambda: bench_precision(TINY_STUDENT, a.precision_repeat, a.embed_per_length)}[kind]()
         print(json.dumps(result))
         return
     sections = a.sections.split(",")
@@ -317,12 +517,13 @@ def main() -> None:
     argv = sys.argv[1:]
     if a.out is None:
         full = set(sections) == set(SECTIONS)
-        a.out = str(REPO / "results" / ("bench.md" if full else f"bench-{'-'.join(sections)}.md"))
-    report = Report(Path(a.out), argv)
+        a.out = str(REPO / "results" / ("bench.md" if full or a.merge else f"bench-{'-'.join(sections)}.md"))
+    report = Report(Path(a.out), argv, merge=a.merge)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     common = [f"--work={a.work}", f"--max-length={a.max_length}", f"--batch-size={a.batch_size}",
               f"--budget={a.budget}", f"--steps={a.steps}", f"--warmup={a.warmup}",
-              f"--mv-lengths={','.join(map(str, a.mv_lengths))}", f"--repeats={a.repeats}"]
+              f"--mv-lengths={','.join(map(str, a.mv_lengths))}", f"--repeats={a.repeats}",
+              f"--precision-repeat={a.precision_repeat}", f"--embed-per-length={a.embed_per_length}"]
 
     def case(*args):
         out = run_case(__file__, *args, *common)
@@ -330,7 +531,16 @@ def main() -> None:
             sys.exit(f"error: benchmark case {' '.join(args)} failed: {out}")
         return out
 
-    if "fill" in sections or not (Path(a.work) / "teacher_cache").exists():
+    peak = None
+    if "peak" in sections or MFU_SECTIONS & set(sections):
+        set_threads()
+        pk = bench_peak(TINY, max(3, a.repeats))
+        peak = pk["peak_gflops"]
+        report.add(peak_lines(pk, max(3, a.repeats)))
+    mfu_note = (f"MFU: model FLOPs (training 6 N + attention; encoding a third of it) x real tokens/s over the "
+                f"measured bf16 peak, {fmt(peak or 0, 0)} GFLOP/s (section Peak).")
+    needs_cache = {"train", "st", "stream"} & set(sections)  # their data modules read the teacher cache
+    if "fill" in sections or (needs_cache and not (Path(a.work) / "teacher_cache").exists()):
         f = case("fill")
         report.add([
             "## Teacher fill (all-MiniLM-L6-v2 on CPU)", "",
@@ -351,10 +561,11 @@ def main() -> None:
             (f"Whole documents of the offline corpus cut at {a.max_length} tokens (mean "
             f"{fmt(rows[0]['mean_text_tokens'], 0)}), {a.batch_size} texts per fixed batch or "
             f"{a.budget:,} tokens per token-budget batch; {a.steps} timed steps after {a.warmup} untimed, "
-            "data loading included. Real tokens exclude padding."), "",
-            "| layout | texts/step | padding | real tokens/s | ratio to padded |", "|---|---:|---:|---:|---:|",
+            "data loading included. Real tokens exclude padding. fp32 (`32-true`)."), "", mfu_note, "",
+            "| layout | texts/step | padding | real tokens/s | MFU | ratio to padded |", "|---|---:|---:|---:|---:|---:|",
             *[f"| {r['layout']} | {fmt(r['texts_per_step'], 1)} | {r['padding']:.0%} | "
-              f"{fmt(r['real_tokens_per_s'], 0)} | **{fmt(r['real_tokens_per_s'] / base)}x** |" for r in rows]])
+              f"{fmt(r['real_tokens_per_s'], 0)} | {pct(mfu(r['real_tokens_per_s'], TINY, r['texts'], peak))} | "
+              f"**{fmt(r['real_tokens_per_s'] / base)}x** |" for r in rows]])
         ours = rows[1]
     if "st" in sections:
         if "train" not in sections:
@@ -365,11 +576,44 @@ def main() -> None:
             ("Same student init, texts (whole documents at max_length "
             f"{a.max_length}) and batch size ({a.batch_size}); theirs: `SentenceTransformerTrainer` + "
             "`MSELoss` on our cached teacher vectors (whole-text loss only, padded batches); ours: "
-            "`DistillModule` packed, with the chunk losses too (more work per step)."), "",
-            "| trainer | texts/s | real tokens/s | ratio |", "|---|---:|---:|---:|",
-            f"| sentence-transformers | {fmt(s['texts_per_s'])} | {fmt(s['real_tokens_per_s'], 0)} | 1.00 |",
+            "`DistillModule` packed, with the chunk losses too (more work per step). Both fp32."), "", mfu_note, "",
+            "| trainer | texts/s | real tokens/s | MFU | ratio |", "|---|---:|---:|---:|---:|",
+            (f"| sentence-transformers | {fmt(s['texts_per_s'])} | {fmt(s['real_tokens_per_s'], 0)} | "
+             f"{pct(mfu(s['real_tokens_per_s'], TINY, s['texts'], peak))} | 1.00 |"),
             (f"| ours (packed) | {fmt(ours['texts_per_s'])} | {fmt(ours['real_tokens_per_s'], 0)} | "
+             f"{pct(mfu(ours['real_tokens_per_s'], TINY, ours['texts'], peak))} | "
             f"**{fmt(ours['texts_per_s'] / s['texts_per_s'])}x** |")])
+    if "precision" in sections:
+        r = case("precision")
+        tr, em = r["train"], r["embed"]
+        train_tps = {k: tr["real_tokens"] / tr[f"{k}_s"] for k in ("fp32", "bf16")}
+        embed_tokens = sum(em["texts"])
+        report.add([
+            "## fp32 against bf16 autocast (small student, CPU)", "",
+            (f"Medians of {a.precision_repeat} runs each, fp32 and bf16 alternating in one process (after one "
+             "untimed run each). Training step: the small scale's student (hidden 256, intermediate 512, 4 "
+             f"layers, 4 heads, SDPA) on {tr['rows']} packed rows of {tr['row_tokens']:,} tokens "
+             f"({len(tr['texts'])} corpus texts, {tr['real_tokens']:,} real tokens), `DistillModule` forward + "
+             "losses (fp32, outside autocast) + backward + StableAdamW; bf16 is `torch.autocast(\"cpu\", "
+             "bfloat16)` over fp32 weights (Lightning's `bf16-mixed`). Study evaluation: `Embedder."
+             f"encode_passages` over {em['passages']} passkey passages of 2k / 4k / 8k tokens "
+             f"({embed_tokens:,} tokens), single vectors and late chunks ({em['vectors']:,} vectors), fp32 "
+             "against `dtype=bfloat16` (eval's `--dtype auto` here)."), "", mfu_note, "",
+            "| case | fp32 s | bf16 s | fp32 tokens/s | bf16 tokens/s | fp32 MFU | bf16 MFU | bf16 speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            (f"| training step | {fmt(tr['fp32_s'])} | {fmt(tr['bf16_s'])} | {fmt(train_tps['fp32'], 0)} | "
+             f"{fmt(train_tps['bf16'], 0)} | {pct(mfu(train_tps['fp32'], TINY, tr['texts'], peak))} | "
+             f"{pct(mfu(train_tps['bf16'], TINY, tr['texts'], peak))} | **{fmt(tr['fp32_s'] / tr['bf16_s'])}x** |"),
+            (f"| study evaluation | {fmt(em['fp32_s'])} | {fmt(em['bf16_s'])} | "
+             f"{fmt(embed_tokens / em['fp32_s'], 0)} | {fmt(embed_tokens / em['bf16_s'], 0)} | "
+             f"{pct(mfu(embed_tokens / em['fp32_s'], TINY, em['texts'], peak, train=False))} | "
+             f"{pct(mfu(embed_tokens / em['bf16_s'], TINY, em['texts'], peak, train=False))} | "
+             f"**{fmt(em['fp32_s'] / em['bf16_s'])}x** |"), "",
+            (f"Study evaluation vectors/s: fp32 {fmt(em['vectors'] / em['fp32_s'], 1)}, bf16 "
+             f"{fmt(em['vectors'] / em['bf16_s'], 1)}. Runs (s): training fp32 "
+             f"{', '.join(fmt(x) for x in tr['runs']['fp32'])}; bf16 {', '.join(fmt(x) for x in tr['runs']['bf16'])}; "
+             f"evaluation fp32 {', '.join(fmt(x) for x in em['runs']['fp32'])}; bf16 "
+             f"{', '.join(fmt(x) for x in em['runs']['bf16'])}.")])
     if "stream" in sections:
         r = case("stream")
         train_rate = ours["texts_per_s"] if "train" in sections or "st" in sections else None
@@ -394,10 +638,13 @@ def main() -> None:
             "## Multi-vector passage encoding: one pass against one pass per chunk (tiny student, CPU)", "",
             ("256-token chunks with 64 overlap, mean-pooled. One pass reads the passage once (late chunking); "
             "per chunk reads each chunk alone, one call each or all chunks in one batch. Best of "
-            f"{a.repeats}."), "",
-            ("| tokens | chunks | one pass (s) | per chunk (s) | per chunk, batched (s) | per chunk / one pass "
-            "| batched / one pass |"), "|---:|---:|---:|---:|---:|---:|---:|",
-            *[f"| {r['tokens']:,} | {r['chunks']} | {fmt(r['one_pass'], 3)} | {fmt(r['per_chunk'], 3)} | "
+            f"{a.repeats}. fp32. Tokens/s and MFU are the one pass's (the passage's tokens once)."), "", mfu_note, "",
+            ("| tokens | chunks | one pass (s) | one pass tokens/s | one pass MFU | per chunk (s) | "
+             "per chunk, batched (s) | per chunk / one pass | batched / one pass |"),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *[f"| {r['tokens']:,} | {r['chunks']} | {fmt(r['one_pass'], 3)} | {fmt(r['tokens'] / r['one_pass'], 0)} | "
+              f"{pct(mfu(r['tokens'] / r['one_pass'], TINY, [r['tokens']], peak, train=False))} | "
+              f"{fmt(r['per_chunk'], 3)} | "
               f"{fmt(r['per_chunk_batched'], 3)} | **{fmt(r['per_chunk'] / r['one_pass'])}x** | "
               f"{fmt(r['per_chunk_batched'] / r['one_pass'])}x |" for r in rows]])
     if "long" in sections:
@@ -410,10 +657,14 @@ def main() -> None:
         report.add([
             "## One long passage: forward time and peak memory (tiny student, CPU, inference)", "",
             ("`banded`: our blocked sliding-window SDPA (what the Embedder uses past 2,048 tokens); `dense`: "
-            "transformers' default SDPA path with dense L x L masks (skipped past 8k)."), "",
-            "| tokens | path | seconds | peak RSS (MiB) | growth over the model load (MiB; 0: below its peak) |", "|---:|---|---:|---:|---:|",
-            *[f"| {r['length']:,} | {r['path']} | " + (f"failed: {r['error']} | | |" if "error" in r else
-              f"{r['seconds']} | {r['peak_mib']:,} | {r['peak_mib'] - r['model_mib']:,} |") for r in rows]])
+            "transformers' default SDPA path with dense L x L masks (skipped past 8k). fp32; one forward, "
+            "first call (no warm-up)."), "", mfu_note, "",
+            ("| tokens | path | seconds | tokens/s | MFU | peak RSS (MiB) | growth over the model load "
+             "(MiB; 0: below its peak) |"), "|---:|---|---:|---:|---:|---:|---:|",
+            *[f"| {r['length']:,} | {r['path']} | " + (f"failed: {r['error']} | | | | |" if "error" in r else
+              f"{fmt(r['seconds'])} | {fmt(r['length'] / r['seconds'], 0)} | "
+              f"{pct(mfu(r['length'] / r['seconds'], TINY, [r['length']], peak, train=False))} | "
+              f"{r['peak_mib']:,} | {r['peak_mib'] - r['model_mib']:,} |") for r in rows]])
     if "cache" in sections:
         import subprocess
 
