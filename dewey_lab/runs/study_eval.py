@@ -219,8 +219,9 @@ LEXICAL_MARK = "ˡ"
 LEXICAL_MARGIN = 0.10  # 10 points of Acc@1 / nDCG@10
 LEXICAL_CAPTION = ("ˡ lexical: the bag-of-words control (the mean of a fixed random token-vector table, no model; "
                    "dewey_lab/eval/controls.py) scores at most 10 points below the best model on this column, or above "
-                   "it (best over modes; BM25 and the controls are not models): shared tokens alone nearly solve "
-                   "it, so a high score there says little about meaning.")
+                   "it (best over modes; BM25 and the controls are not models): on this column no model is shown "
+                   "to do more than count shared tokens, whether the column is easy for them (passkey) or the "
+                   "models are weak on it.")
 
 
 def lexical_cells(payload: dict, margin: float = LEXICAL_MARGIN) -> set[tuple[str, int | None]]:
