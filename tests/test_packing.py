@@ -190,3 +190,37 @@ def test_auto_picks_torch_varlen_on_cuda_without_flash_attn(monkeypatch):
     assert student.pick_attn_implementation("auto") == "sdpa"
     with pytest.raises(RuntimeError, match="attn_implementation: auto"):
         student.pick_attn_implementation(attention.TORCH_VARLEN)
+
+
+def test_packed_sliding_layers_in_small_blocks_equal_the_unpacked_path(small_corpus_path, counting_cache):
+    """The SDPA path runs packed rows' sliding layers block by block (``BANDED_PACKED``), each block's queries
+    against their keys with the document mask sliced to them: with 16-query blocks (6 per 96-token row, a
+    16-token window crossing every block edge) each text's states equal its own unpacked run."""
+    import functools
+
+    from transformers import AttentionInterface
+
+    dm = _dm(small_corpus_path, counting_cache, CountingTeacher(), max_length=96, batch_size=12, prompt="doc: ",
+             max_windows_per_doc=None)
+    dm.prepare_data()
+    dm.setup("fit")
+    data = dm.datasets["train"]
+    by_length = sorted(range(len(data)), key=lambda i: data.examples[i].n_tokens)
+    items = [data[i] for i in by_length[:6] + by_length[-6:]]
+    unpacked, packed = collate(items), collate(items, pack_length=96)
+    torch.manual_seed(0)
+    spec = StudentConfig(tokenizer=OFFLINE_TEACHER, attn_implementation="sdpa",
+                         config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                                 "num_attention_heads": 2, "local_attention": 16, "initializer_range": 0.3})
+    module = DistillModule(student=spec, teacher_dim=12, projection="linear").eval()
+    AttentionInterface.register(attention.BANDED_PACKED, functools.partial(attention.banded_sdpa, block=16))
+    try:
+        with torch.no_grad():
+            h_un = attention.forward_rows(module.student, unpacked)  # transformers' own SDPA path, one text per row
+            h_pk = attention.forward_rows(module.student, packed)
+    finally:
+        AttentionInterface.register(attention.BANDED_PACKED,
+                                    functools.partial(attention.banded_sdpa, block=attention.PACKED_BLOCK))
+    assert module.student.config._attn_implementation == "sdpa"  # restored after the pass
+    for head in (CLSPooling(), MeanPooling(), ChunkMeanPooling()):
+        torch.testing.assert_close(head(h_pk, packed), head(h_un, unpacked), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,9 @@ Outputs equal the dense path's (tested); it is registered as the attention imple
 
 ``forward_rows(model, batch)`` runs a collated batch, packed or not: a packed batch gets
 per-document positions and either ``cu_seqlens`` (flash-attn varlen: no mask, no padding cost)
-or a block-diagonal mask (SDPA, eager) so that no token sees another document.
+or a block-diagonal mask (SDPA, eager) so that no token sees another document. On ModernBERT's SDPA
+path the sliding layers then run ``banded_sdpa`` in 256-query blocks with the document mask sliced
+per block, so they never compute the (T, T) scores their 128-token window does not need.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def banded_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mas
                 block: int = 1024, **kwargs) -> tuple[Tensor, None]:
     """transformers attention interface: (B, H, L, Dh) q/k/v -> ((B, L, H, Dh), None).
 
-    ``attention_mask`` is None or a boolean key mask (B, 1, 1, L), True where a token is real.
+    ``attention_mask`` is None, a boolean key mask (B, 1, 1, L), True where a token is real, or a boolean
+    (B, 1, L, L) mask (packed rows' documents, ``forward_rows``), sliced to each block's queries and keys.
     """
     if sliding_window is None:  # a global layer
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
@@ -52,7 +55,8 @@ def banded_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mas
         k_pos = torch.arange(ks, ke, device=query.device)[None, :]
         mask = (q_pos - k_pos).abs() <= w  # (bq, bk): the band
         if attention_mask is not None:
-            mask = mask & attention_mask[..., ks:ke]  # (B, 1, bq, bk)
+            rows = attention_mask[..., s:e, :] if attention_mask.shape[-2] == L else attention_mask  # queries
+            mask = mask & rows[..., ks:ke]  # (B, 1, bq, bk)
         outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, ks:ke], value[:, :, ks:ke],
                                                    attn_mask=mask, dropout_p=dropout, scale=scaling))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (B, L, H, Dh)
@@ -60,6 +64,13 @@ def banded_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mas
 
 AttentionInterface.register(BANDED, banded_sdpa)
 AttentionMaskInterface.register(BANDED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # else transformers builds no mask
+# Packed training rows (2k tokens, a 128-token window): 256-query blocks read 384 keys each instead of 2,048;
+# measured 1.31x (fp32) and 1.22x (bf16) per forward + backward of the small student on 4 x 2,048 packed tokens
+# against dense document masks, 1.14x / 1.16x with 1,024-query blocks (2 CPU cores).
+PACKED_BLOCK = 256
+BANDED_PACKED = "sdpa_banded_packed"
+AttentionInterface.register(BANDED_PACKED, functools.partial(banded_sdpa, block=PACKED_BLOCK))
+AttentionMaskInterface.register(BANDED_PACKED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def can_band(model) -> bool:
@@ -75,11 +86,12 @@ def key_masks(attention_mask: Tensor) -> dict[str, Tensor | None]:
 
 
 @contextmanager
-def banded(model):
-    """Run ``model`` with ``banded_sdpa`` inside the block; restores its attention implementation."""
+def banded(model, impl: str = BANDED):
+    """Run ``model`` with ``banded_sdpa`` (``impl``: its registered name, ``BANDED_PACKED`` for packed rows'
+    smaller blocks) inside the block; restores its attention implementation."""
     config = model.config
     before = config._attn_implementation
-    config._attn_implementation = BANDED
+    config._attn_implementation = impl
     try:
         yield
     finally:
@@ -167,9 +179,15 @@ def forward_rows(model, batch: dict[str, Tensor]) -> Tensor:
         out = model(input_ids=ids.reshape(1, R * T), position_ids=batch["position_ids"].reshape(1, R * T),
                     cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return out.last_hidden_state.reshape(R, T, -1)
-    if impl not in ("sdpa", "eager", BANDED):
+    if impl not in ("sdpa", "eager", BANDED, BANDED_PACKED):
         raise ValueError(f"data.batching.pack needs attention sdpa, eager or flash_attention_2, not {impl}; "
                          "set model.student.attn_implementation: auto, or data.batching.pack: false")
+    if impl == "sdpa" and can_band(model):  # sliding layers block by block: O(T x (block + 2w)), not O(T^2)
+        same = document_masks(batch["token_doc"], None)["full_attention"]  # (R, 1, T, T)
+        with banded(model, BANDED_PACKED):
+            out = model(input_ids=ids, position_ids=batch["position_ids"],
+                        attention_mask={"full_attention": same, "sliding_attention": same})
+        return out.last_hidden_state
     masks = document_masks(batch["token_doc"], model.config.sliding_window)
     if impl == "eager":  # eager adds its mask to the scores
         low = torch.finfo(model.dtype).min
@@ -178,10 +196,13 @@ def forward_rows(model, batch: dict[str, Tensor]) -> Tensor:
     return model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=masks).last_hidden_state
 
 
-def document_masks(token_doc: Tensor, half_window: int) -> dict[str, Tensor]:
+def document_masks(token_doc: Tensor, half_window: int | None) -> dict[str, Tensor]:
     """Boolean (R, 1, T, T) masks, True where query i may see key j: same document (padding is its
-    own group, so no query row is empty), and for sliding layers also ``|i - j| <= half_window``."""
+    own group, so no query row is empty), and for sliding layers also ``|i - j| <= half_window``
+    (None: no band, the sliding mask is the document mask)."""
     same = token_doc[:, None, :, None] == token_doc[:, None, None, :]
+    if half_window is None:
+        return {"full_attention": same, "sliding_attention": same}
     pos = torch.arange(token_doc.shape[1], device=token_doc.device)
     band = (pos[:, None] - pos[None, :]).abs() <= half_window
     return {"full_attention": same, "sliding_attention": same & band}
