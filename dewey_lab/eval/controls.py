@@ -19,8 +19,8 @@ gets on the same queries. BM25 is one such row (exact word overlap, weighted); t
   where it comes within a few points of the best model is one that shared tokens alone solve
   (``dewey_lab.runs.study_eval.lexical_cells`` marks those). Mode ``single`` pools the whole passage;
   mode ``multi`` pools each late-chunk window (``chunk_size`` / ``chunk_overlap`` tokens, laid out by
-  ``Embedder.windows``, the dense models' own rule) and a passage scores as its best chunk, the query
-  pooled the same way (its mean), as dense mode ``multi`` scores.
+  ``dewey_lab.eval.embedder.chunk_windows``, the dense models' own rule) and a passage scores as its best
+  chunk (``retrieval.best_chunk``), the query pooled the same way (its mean), as dense mode ``multi`` scores.
 
 The table: ``torch.randn(V, dim, generator=torch.Generator().manual_seed(seed))`` (float32, N(0, 1)),
 V = ``len(tokenizer)``, defaults dim 256, seed 0; row i is token id i. So the control is deterministic:
@@ -34,14 +34,13 @@ first 512 tokens would measure that model's window, not the task. Reading everyt
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dewey_lab.eval.embedder import Embedder
+from dewey_lab.eval.embedder import chunk_windows
+from dewey_lab.eval.retrieval import best_chunk
 from dewey_lab.eval.tasks.task import RetrievalTask
 
 CONTROLS = ("length", "bow")
@@ -125,21 +124,20 @@ class BagOfWordsRetriever:
         self.modes, self.dim, self.seed = modes, dim, seed
         self.tokenizer = _default_tokenizer(tokenizer)
         self.table = random_table(len(self.tokenizer), dim, seed)  # (V, dim)
-        # Embedder.windows reads only these two fields: the dense models' windows, by the same code
-        self._layout = SimpleNamespace(chunk_size=chunk_size, chunk_overlap=chunk_overlap)
+        self.chunk_size, self.chunk_overlap = chunk_size, chunk_overlap
         self.truncated = 0
 
     def pooling_of(self, mode: str) -> dict[str, str]:
         table = f"mean of random token vectors (N(0,1), {self.dim}-d, seed {self.seed})"
         if mode == "multi":
-            c = self._layout
             return {"query_pooling": table, "passage_pooling": f"{table} per late chunk "
-                    f"{c.chunk_size}/{c.chunk_overlap}, best chunk"}
+                    f"{self.chunk_size}/{self.chunk_overlap}, best chunk"}
         return {"query_pooling": table, "passage_pooling": table}
 
     def windows(self, n: int) -> list[tuple[int, int]]:
-        """Token spans [start, end) of mode ``multi``'s chunks over n tokens (none for an empty text)."""
-        return Embedder.windows(self._layout, [True] * n)
+        """Token spans [start, end) of mode ``multi``'s chunks over n tokens (none for an empty text): the dense
+        models' windows, by the same code."""
+        return chunk_windows([True] * n, self.chunk_size, self.chunk_overlap)
 
     def bag_means(self, bags: list[list[int]]) -> Tensor:
         """(B, D) mean table row of each bag of token ids (zeros for an empty bag: its cosine is 0 with
@@ -167,8 +165,5 @@ class BagOfWordsRetriever:
             chunks = F.normalize(self.bag_means([ids[a:b] for ids, sp in zip(p_ids, spans) for a, b in sp]),
                                  dim=-1)  # (M, D)
             owner = torch.repeat_interleave(torch.arange(len(p_ids)), torch.tensor([len(sp) for sp in spans]))  # (M,)
-            best = torch.full((len(q_ids), len(p_ids)), float("-inf"))
-            if len(chunks):
-                best.scatter_reduce_(1, owner.expand(len(q_ids), -1), q @ chunks.T, reduce="amax")  # best chunk
-            out["multi"] = best
+            out["multi"] = best_chunk(q @ chunks.T, owner, len(p_ids))  # (Q, N)
         return out

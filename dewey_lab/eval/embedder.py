@@ -51,6 +51,24 @@ BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-wi
 CHARS_PER_TOKEN_BOUND = 32  # characters per token no real text exceeds on average (English: about 4)
 
 
+def chunk_windows(content: Sequence[bool], size: int, overlap: int) -> list[tuple[int, int]]:
+    """Late-chunking windows [start, end) of ``size`` tokens, ``overlap`` apart, over the text tokens (the True
+    entries of ``content``, contiguous: [CLS] prompt text [SEP]); none for a text without any."""
+    idx = [i for i, c in enumerate(content) if c]
+    if not idx:
+        return []
+    first, end = idx[0], idx[-1] + 1
+    stride = size - overlap
+    spans, start = [], first
+    while start + size < end:
+        spans.append((start, start + size))
+        start += stride
+    # the last window ends at the text's end and is full-size when the text allows (as PCW's last
+    # chunk is): a short tail would be a few tokens whose mean matches generic query words
+    spans.append((max(first, end - size), end))
+    return spans
+
+
 @dataclass
 class Item:
     """One tokenised passage: ids, which tokens are text, and its late-chunking windows."""
@@ -204,20 +222,8 @@ class Embedder:
         return items
 
     def windows(self, content: list[bool]) -> list[tuple[int, int]]:
-        """Token windows of ``chunk_size`` with ``chunk_overlap`` over the text tokens."""
-        idx = [i for i, c in enumerate(content) if c]
-        if not idx:
-            return []
-        first, end = idx[0], idx[-1] + 1  # text tokens are contiguous: [CLS] prompt text [SEP]
-        stride = self.chunk_size - self.chunk_overlap
-        spans, start = [], first
-        while start + self.chunk_size < end:
-            spans.append((start, start + self.chunk_size))
-            start += stride
-        # the last window ends at the text's end and is full-size when the text allows (as PCW's last
-        # chunk is): a short tail would be a few tokens whose mean matches generic query words
-        spans.append((max(first, end - self.chunk_size), end))
-        return spans
+        """Token windows of ``chunk_size`` with ``chunk_overlap`` over the text tokens (``chunk_windows``)."""
+        return chunk_windows(content, self.chunk_size, self.chunk_overlap)
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode_queries(self, texts: Sequence[str]) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from dewey_lab.eval.embedder import Embedder
 from dewey_lab.eval.metrics import METRICS, trec_order
+from dewey_lab.eval.retrieval import best_chunk
 from dewey_lab.eval.tasks.longembed import MTEB_NAMES
 from dewey_lab.eval.tasks.task import RetrievalTask
 
@@ -165,10 +166,7 @@ class MTEBMultiVectorSearch(MTEBEncoder):
 
     def max_over_chunks(self, q: Tensor) -> Tensor:
         """(Q, N): each passage's best chunk, DenseRetriever's multi-mode rule (-inf for a passage without one)."""
-        out = torch.full((len(q), len(self._ids)), float("-inf"))
-        if len(self._chunks):
-            out.scatter_reduce_(1, self._owner.expand(len(q), -1), q @ self._chunks.T, reduce="amax")
-        return out
+        return best_chunk(q @ self._chunks.T, self._owner, len(self._ids))
 
 
 def mteb_task(tasks: RetrievalTask | Sequence[RetrievalTask]):

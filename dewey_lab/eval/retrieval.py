@@ -49,6 +49,15 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
     return modes
 
 
+def best_chunk(sims: Tensor, owner: Tensor, n_passages: int) -> Tensor:
+    """(Q, N) each passage's best chunk score from (Q, M) query-chunk scores, chunk m belonging to passage
+    ``owner[m]``; -inf for a passage without a chunk. The multi-vector rule of every retriever here."""
+    out = torch.full((sims.shape[0], n_passages), float("-inf"))
+    if sims.shape[1]:
+        out.scatter_reduce_(1, owner.expand(sims.shape[0], -1), sims, reduce="amax")
+    return out
+
+
 class DenseRetriever:
     """Score tasks with an Embedder, single- and / or multi-vector.
 
@@ -129,11 +138,8 @@ class DenseRetriever:
                     scores[:, lo:lo + len(idx)] = qe.extra[mode] @ extra[mode].T  # (Q, b)
                 elif mode not in q_multi:  # single, or single:<its own head>
                     scores[:, lo:lo + len(idx)] = q @ single.T  # (Q, b)
-                elif len(chunks):
-                    sims = q_multi[mode] @ chunks.T  # (Q, M): a passage scores as its best chunk
-                    part = torch.full((Q, len(idx)), float("-inf"))
-                    part.scatter_reduce_(1, owner.expand(Q, -1), sims, reduce="amax")
-                    scores[:, lo:lo + len(idx)] = part
+                elif len(chunks):  # a passage scores as its best chunk
+                    scores[:, lo:lo + len(idx)] = best_chunk(q_multi[mode] @ chunks.T, owner, len(idx))  # (Q, b)
         bar.close()
         return out
 
