@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dewey_lab.eval.embedder import Embedder
+from dewey_lab.eval.embedder import QUERY_AS_CHUNK, Embedder, check_query_pooling
 from dewey_lab.eval.metrics import retrieval_metrics
 from dewey_lab.eval.retrieval import DenseRetriever
 from dewey_lab.eval.stats import per_query as per_query_metrics
@@ -44,7 +44,7 @@ class PasskeyCallback(L.Callback):
                  tasks: Sequence[str] = ("passkey", "needle"), n_queries: int = 50, n_docs: int = 100,
                  modes: Sequence[str] = ("single", "multi"), pooling: str | None = None, chunk_size: int = 256,
                  chunk_overlap: int = 64, seed: int = 0, haystack: str | None = None,
-                 check_at_start: bool = True, token_budget: int = 16384, query_pooling: str = "chunk") -> None:
+                 check_at_start: bool = True, token_budget: int = 16384, query_pooling: str = QUERY_AS_CHUNK) -> None:
         """
         Args:
             every_n_steps: optimizer steps between checks (also one at the end of training).
@@ -81,10 +81,7 @@ class PasskeyCallback(L.Callback):
         self.every_n_steps, self.lengths, self.tasks = every_n_steps, sorted(lengths), list(tasks)
         self.n_queries, self.n_docs, self.modes, self.pooling = n_queries, n_docs, list(modes), pooling
         self.chunk_size, self.chunk_overlap, self.seed, self.haystack = chunk_size, chunk_overlap, seed, haystack
-        if query_pooling != "chunk" and query_pooling not in PoolingHead.choices():
-            names = ", ".join(PoolingHead.choices())
-            raise ValueError(f"PasskeyCallback query_pooling: unknown {query_pooling!r}; use chunk (the query's mean, "
-                             f"as its chunks are pooled) or one of {names}")
+        check_query_pooling(query_pooling, "PasskeyCallback query_pooling")
         self.check_at_start, self.token_budget, self.query_pooling = check_at_start, token_budget, query_pooling
         self._tasks: list[RetrievalTask] | None = None
         self._tokenizer = None

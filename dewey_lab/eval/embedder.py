@@ -51,6 +51,16 @@ BAND_FROM = 2048  # tokens; longer ModernBERT batches use the blocked sliding-wi
 CHARS_PER_TOKEN_BOUND = 32  # characters per token no real text exceeds on average (English: about 4)
 
 
+def check_query_pooling(name: str, where: str = "query_pooling") -> str:
+    """``name`` when it is a query pooling (``chunk`` or a ``PoolingHead.choices()`` name), else a one-line error
+    listing the choices; learned weights are checked once the model is known (``Embedder.query_head``)."""
+    known = PoolingHead.choices()
+    if name != QUERY_AS_CHUNK and name not in known:
+        raise ValueError(f"unknown {where} {name!r}; use {QUERY_AS_CHUNK} (the chunk head over the query's text "
+                         f"tokens: Dewey's mean query, the default) or one of {', '.join(known)}")
+    return name
+
+
 def chunk_windows(content: Sequence[bool], size: int, overlap: int) -> list[tuple[int, int]]:
     """Late-chunking windows [start, end) of ``size`` tokens, ``overlap`` apart, over the text tokens (the True
     entries of ``content``, contiguous: [CLS] prompt text [SEP]); none for a text without any."""
@@ -173,12 +183,8 @@ class Embedder:
         over the query's text tokens, Dewey's mean query) or a whole-text head by name (``extra_head``'s rules:
         its own head for its own name, no untrained learned weights, the same tokenisation). One-line error
         listing the choices for an unknown name."""
-        if name == QUERY_AS_CHUNK:
+        if check_query_pooling(name, where) == QUERY_AS_CHUNK:
             return TextAsChunk(self.chunk_head)
-        known = PoolingHead.choices()
-        if name not in known:
-            raise ValueError(f"unknown {where} {name!r}; use {QUERY_AS_CHUNK} (the chunk head over the query's text "
-                             f"tokens: Dewey's mean query, the default) or one of {', '.join(known)}")
         return self.extra_head(name, where=where)
 
     @property

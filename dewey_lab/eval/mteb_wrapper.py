@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dewey_lab.eval.embedder import Embedder
+from dewey_lab.eval.embedder import QUERY_AS_CHUNK, Embedder
 from dewey_lab.eval.metrics import METRICS, trec_order
 from dewey_lab.eval.retrieval import best_chunk
 from dewey_lab.eval.tasks.longembed import MTEB_NAMES
@@ -118,7 +118,7 @@ class MTEBMultiVectorSearch(MTEBEncoder):
 
     mode = "multi"
 
-    def __init__(self, embedder: Embedder, name: str | None = None, query_pooling: str = "chunk") -> None:
+    def __init__(self, embedder: Embedder, name: str | None = None, query_pooling: str = QUERY_AS_CHUNK) -> None:
         super().__init__(embedder, name)
         self._query_head = embedder.query_head(query_pooling)  # DenseRetriever's rule for mode multi
         self._ids: list[str] = []

@@ -7,7 +7,8 @@
   ``multi:<pooling>`` scores the same chunks against queries pooled by another head (``multi:cls``:
   the trained CLS, this project's rule before 2026-12); mode ``single:<pooling>`` scores the passage
   vector of another whole-text head (``mean`` beside a trained ``cls``), queries pooled by that head
-  too. All come from one forward pass per passage; ``pooling_of(mode)`` says how each side was pooled. Passage vectors are written to an embedding cache (the teacher cache's SQLite store,
+  too. All come from one forward pass per passage; ``pooling_of(mode)`` says how each side was pooled.
+  Passage vectors are written to an embedding cache (the teacher cache's SQLite store,
   keyed by model + settings + text) block by block, so a killed evaluation resumes where it stopped
   and a rerun costs no forward pass; scores are accumulated block by block, so memory holds one
   block of vectors, not the corpus.
@@ -80,9 +81,9 @@ class DenseRetriever:
         modes = check_modes(modes)
         self.embedder, self.modes, self.block, self.progress = embedder, modes, block, progress
         # multi modes -> the head that pools their queries (the embedder's own head: mode single's vectors)
-        self.query_pooling = {m: m.partition(":")[2] or query_pooling for m in modes if m.split(":")[0] == "multi"}
-        self.query_heads = {m: embedder.query_head(name, where="query_pooling" if m == "multi" else "mode multi:<pooling>")
-                            for m, name in self.query_pooling.items()}
+        self.query_heads = {m: embedder.query_head(m.partition(":")[2] or query_pooling,
+                                                   where="query_pooling" if m == "multi" else "mode multi:<pooling>")
+                            for m in modes if m.split(":")[0] == "multi"}
         # single:<pooling> -> its head; the embedder's own head is mode single's vectors, not a second copy
         heads = {m: embedder.extra_head(m.removeprefix("single:"), where="mode single:<pooling>")
                  for m in modes if m.startswith("single:")}
