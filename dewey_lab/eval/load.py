@@ -315,6 +315,13 @@ def run_kind(model: str) -> str | None:
     return None
 
 
+def is_student(model: str) -> bool:
+    """Whether an eval run's model spec names a training run's student: a ``.ckpt``, a run directory, an
+    experiment's run folder or ``untrained:<run>``; anything else (a hub id, a model directory, ``bm25``, the
+    controls ``length`` and ``bow``) is a reference model."""
+    return model.startswith(UNTRAINED) or run_kind(model) is not None
+
+
 def run_checkpoint(model: str) -> str | None:
     """The checkpoint file ``model`` names: a ``.ckpt`` itself, a run directory's ``checkpoints/last.ckpt`` (the end
     of its training), or an experiment's run folder's newest finished run's; None for anything else (a hub id, a

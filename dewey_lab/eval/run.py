@@ -26,6 +26,7 @@ from dewey_lab.eval.tasks.task import RetrievalTask
 log = logging.getLogger(__name__)
 
 NO_MODEL = ("bm25", "length", "bow")  # --model values that are baselines and controls, not networks
+DOCUMENT_LENGTH = 8192  # deep/... and semantic/... cut their documents to the longest --lengths, else this
 PAPER_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEEP_TASKS = tuple(f"deep/{s}" for s in DEEP_SOURCES)
 SEMANTIC_TASKS = tuple(f"semantic/{k}" for k in SEMANTIC_KINDS)
@@ -91,18 +92,23 @@ def build_tasks(names: list[str], tokenizer, lengths: list[int] | None, syntheti
         elif name in DEEP_TASKS:  # real text no student trained on, cut to the longest length (default 8k)
             from dewey_lab.eval.tasks.deep import make_deep
 
-            room = max(lengths or [8192]) - tokenizer.num_special_tokens_to_add(pair=False)
+            room = _document_length(lengths) - tokenizer.num_special_tokens_to_add(pair=False)
             tasks.append(make_deep(name.removeprefix("deep/"), tokenizer, n_queries=n_queries, max_tokens=room,
                                    seed=seed))
         elif name in SEMANTIC_TASKS:  # a summary finds its document; cut like deep/...
             from dewey_lab.eval.tasks.semantic import make_semantic
 
-            room = max(lengths or [8192]) - tokenizer.num_special_tokens_to_add(pair=False)
+            room = _document_length(lengths) - tokenizer.num_special_tokens_to_add(pair=False)
             tasks.append(make_semantic(name.removeprefix("semantic/"), tokenizer, n_queries=n_queries, n_docs=n_docs,
                                        max_tokens=room, seed=seed))
     if loco:
         tasks += load_loco(subsets=loco, source=source)
     return tasks
+
+
+def _document_length(lengths: list[int] | None) -> int:
+    """Tokens a deep/... or semantic/... document is cut to (special tokens included): the longest --lengths."""
+    return max(lengths or [DOCUMENT_LENGTH])
 
 
 def evaluate(retriever, tasks: list[RetrievalTask], window: int | None = None) -> list[dict]:
@@ -249,14 +255,11 @@ def _context_runs(studies: list) -> dict[int, str]:
     controls (baseline) always, and where the study has students (training runs), every other model (reference:
     the teacher), so the marks and their Holm family compare the students only. A study of one model's variants
     (extension methods) tests all but the baselines."""
-    from dewey_lab.eval.load import UNTRAINED, run_kind
+    from dewey_lab.eval.load import is_student
 
-    def student(model) -> bool:
-        return str(model).startswith(UNTRAINED) or run_kind(str(model)) is not None
-
-    students = any(student(x.model) for x in studies)
+    students = any(is_student(str(x.model)) for x in studies)
     return {k: "baseline" if x.model in NO_MODEL else "reference" for k, x in enumerate(studies)
-            if x.model in NO_MODEL or (students and not student(x.model))}
+            if x.model in NO_MODEL or (students and not is_student(str(x.model)))}
 
 
 def _override(a, run: dict):
@@ -281,7 +284,7 @@ def prepare(a):
         raise ValueError(f"--mode must be single, multi or both, or a comma list such as "
                          f"single,single:mean,multi,multi:cls; got {a.mode!r}")
     extensions = split_specs(a.extension)
-    if a.model in ("bm25", "length", "bow"):  # no model: BM25 and the controls (dewey_lab.eval.controls)
+    if a.model in NO_MODEL:  # no model: BM25 and the controls (dewey_lab.eval.controls)
         from dewey_lab.eval.controls import BagOfWordsRetriever, LengthRetriever
         from dewey_lab.eval.retrieval import BM25Retriever
         from dewey_lab.model.student import load_tokenizer
@@ -302,7 +305,7 @@ def prepare(a):
                              chunk_overlap=a.chunk_overlap, token_budget=a.token_budget)
         synthetic_lengths = (lengths or list(PAPER_LENGTHS)) if any(t in LONGEMBED_SYNTHETIC for t in names) else []
         # deep/... and semantic/... read documents cut to the longest --lengths (default 8k): an extension reaches them
-        cut = [max(lengths or [8192])] if any(t in DEEP_TASKS or t in SEMANTIC_TASKS for t in names) else []
+        cut = [_document_length(lengths)] if any(t in DEEP_TASKS or t in SEMANTIC_TASKS for t in names) else []
         target = a.max_length or max(synthetic_lengths + cut, default=None)
         runs = []
         for spec in extensions:  # every extension is bound (and checked) before any forward pass

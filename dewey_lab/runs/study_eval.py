@@ -136,12 +136,10 @@ def run_eval(config: Path, out_dir: Path) -> dict:
 
 
 def is_student(model: str) -> bool:
-    """Whether an eval run's model spec names a training run's student: a ``.ckpt``, a run directory, an
-    experiment's run folder or ``untrained:<run>``; anything else (a hub id, a model directory, ``bm25``, the
-    controls ``length`` and ``bow``) is a reference model."""
-    from dewey_lab.eval.load import UNTRAINED, run_kind
+    """``dewey_lab.eval.load.is_student``: a training run's student, else a reference model."""
+    from dewey_lab.eval.load import is_student as student
 
-    return model.startswith(UNTRAINED) or run_kind(model) is not None
+    return student(model)
 
 
 def references(payload: dict) -> set[str]:
@@ -229,7 +227,7 @@ def lexical_cells(payload: dict, margin: float = LEXICAL_MARGIN) -> set[tuple[st
     at least the best model's main score minus ``margin``. A model is any run of the study that is not BM25 or a
     control (``settings.runs``' ``model``: bm25, length, bow), any mode, any extension; a payload without a
     bow run has no lexical cell."""
-    from dewey_lab.eval.controls import CONTROLS
+    from dewey_lab.eval.run import NO_MODEL
 
     kinds = {r.get("label") or r["model"]: str(r.get("model", "")) for r in payload.get("settings", {}).get("runs") or []}
     bow: dict[tuple, float] = {}
@@ -238,7 +236,7 @@ def lexical_cells(payload: dict, margin: float = LEXICAL_MARGIN) -> set[tuple[st
         kind, key = kinds.get(r.get("model", "")), (r["task"], r["length"])
         if kind == "bow":
             bow[key] = max(bow.get(key, float("-inf")), r["main"])
-        elif kind not in ("bm25", *CONTROLS):
+        elif kind not in NO_MODEL:
             best[key] = max(best.get(key, float("-inf")), r["main"])
     return {k for k, v in bow.items() if k in best and v >= best[k] - margin - 1e-9}  # 1e-9: 10.00 points is within
 
