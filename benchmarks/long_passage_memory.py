@@ -17,7 +17,7 @@ import time
 from isolated import TINY_STUDENT, run_case  # benchmarks/ is the script's own folder, on sys.path
 
 
-def measure(length: int, path: str) -> dict:
+def measure(length: int, path: str, precision: str = "32-true") -> dict:
     import torch
 
     from dewey_lab.model.attention import banded, key_masks
@@ -32,7 +32,8 @@ def measure(length: int, path: str) -> dict:
     mask = torch.ones_like(ids)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    bf16 = precision == "bf16-mixed"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         if path == "banded":
             with banded(model):
                 model(input_ids=ids, attention_mask=key_masks(mask))
@@ -41,24 +42,25 @@ def measure(length: int, path: str) -> dict:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"length": length, "path": path, "seconds": round(seconds, 3), "peak_mib": int(peak),
-            "model_mib": int(base)}
+            "model_mib": int(base), "precision": precision}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="8192,16384,32768")
     p.add_argument("--dense-up-to", type=int, default=16384, help="skip the dense path above this (32k: ~17 GiB)")
-    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"], help="bf16-mixed: autocast")
+    p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(measure(int(a.one[0]), a.one[1])))
+        print(json.dumps(measure(int(a.one[0]), *a.one[1:])))
         return
     print("| length | path | seconds | peak RSS (MiB) |\n|---:|---|---:|---:|")
     for n in [int(x) for x in a.lengths.split(",")]:
         for path in ("banded", "dense"):
             if path == "dense" and n > a.dense_up_to:
                 continue
-            r = run_case(__file__, n, path)
+            r = run_case(__file__, n, path, a.precision)
             if isinstance(r, str):
                 print(f"| {n} | {path} | failed: {r} | |")
                 continue

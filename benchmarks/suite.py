@@ -49,6 +49,7 @@ A run of some sections (``--sections``) writes results/bench-<sections>.md unles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -210,8 +211,8 @@ def precision_train_cases(config: dict, rows: int = 4, length: int = 2048) -> tu
     module = DistillModule(student=spec, teacher_dim=384, projection="linear")
     opt = StableAdamW(module.parameters(), lr=1e-4, weight_decay=0.0)
 
-    def step(bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    def step(bf16: bool, dense: bool = False) -> None:
+        with dense_masks(dense), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             emb = module(batch)
         loss, _ = module.compute_losses(batch, emb)  # fp32 inside, as in training
         loss.backward()
@@ -221,7 +222,26 @@ def precision_train_cases(config: dict, rows: int = 4, length: int = 2048) -> tu
     texts = [len(it["input_ids"]) for it in items[:take]]
     info = {"rows": batch["input_ids"].shape[0], "row_tokens": batch["input_ids"].shape[1], "texts": texts,
             "real_tokens": int(batch["attention_mask"].sum())}
-    return {"fp32": lambda: step(False), "bf16": lambda: step(True)}, info
+    return {"fp32": lambda: step(False), "bf16": lambda: step(True), "fp32_dense": lambda: step(False, True)}, info
+
+
+@contextlib.contextmanager
+def dense_masks(on: bool):
+    """Inside: ``DistillModule`` runs packed rows as it did before 2026-12 (one dense (R, 1, T, T) document
+    mask per layer type, every layer computing T x T scores; ``packed_attention.dense``)."""
+    if not on:
+        yield
+        return
+    from packed_attention import dense
+
+    from dewey_lab.model import module
+
+    before = module.forward_rows
+    module.forward_rows = dense
+    try:
+        yield
+    finally:
+        module.forward_rows = before
 
 
 def precision_embed_cases(config: dict, lengths=(2048, 4096, 8192), per_length: int = 7) -> tuple[dict, dict]:
@@ -340,7 +360,7 @@ def train_case(a, layout: str, shape: str = "tiny", attn: str = "sdpa", device: 
     trainer = L.Trainer(accelerator=device, devices=1, max_steps=a.warmup + a.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0,
-                        precision="32-true", callbacks=[timer])
+                        precision=a.precision, callbacks=[timer])
     trainer.fit(module, datamodule=dm)
     out = timer.summary()
     out.update(layout=layout, shape=shape, attn=attn, texts=[e.n_tokens for e in dm.examples()["train"]])
@@ -400,7 +420,8 @@ def st_case(a) -> dict:
     args = SentenceTransformerTrainingArguments(
         output_dir=str(Path(a.work) / "st_out"), per_device_train_batch_size=a.batch_size,
         max_steps=a.warmup + a.steps, learning_rate=1e-4, warmup_steps=10, report_to="none", save_strategy="no",
-        logging_strategy="no", dataloader_drop_last=True, use_cpu=True, seed=0, disable_tqdm=True)
+        logging_strategy="no", dataloader_drop_last=True, use_cpu=True, seed=0, disable_tqdm=True,
+        bf16=a.precision == "bf16-mixed")
     SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=MSELoss(model),
                                callbacks=[Timer()]).train()
     seconds = ends[-1] - ends[a.warmup - 1]
@@ -422,7 +443,8 @@ def bench_multivector(a) -> list[dict]:
     trainer.strategy.connect(module)
     ckpt = Path(a.work) / "mv_student.ckpt"
     trainer.save_checkpoint(ckpt)
-    enc = load(str(ckpt), pooling="mean", window=max(a.mv_lengths), device="cpu")
+    enc = load(str(ckpt), pooling="mean", window=max(a.mv_lengths), device="cpu",
+               dtype="bfloat16" if a.precision == "bf16-mixed" else "float32")
     tok = enc.embedder.tokenizer
     corpus = "\n\n".join(d.text for d in PydocCorpus().documents())
     offsets = tok(corpus, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -451,6 +473,9 @@ def fmt(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+UPDATED = "Sections marked *(updated)* were rerun by"
+
+
 class Report:
     """results/bench.md, rewritten after every section so a crash keeps what was measured."""
 
@@ -466,15 +491,17 @@ class Report:
         if merge and path.exists():  # keep the old head and the sections this run does not rewrite
             head, *sections = path.read_text().split("\n## ")
             when = self.head[3]
-            self.head = [*head.rstrip("\n").splitlines(), "",
-                         (f"Sections marked *(updated)* were rerun by {self.head[2]} {when} Compare ratios "
-                          "within one section (one run)."), ""]
+            kept = [x for x in head.rstrip("\n").splitlines() if not x.startswith(UPDATED)]  # one such line
+            while len(kept) > 1 and kept[-1] == kept[-2] == "":
+                kept.pop()
+            self.head = [*kept, *([""] if kept[-1] else []),
+                         (f"{UPDATED} {self.head[2]} {when} Compare ratios within one section (one run)."), ""]
             self.kept = [("## " + x).rstrip("\n").splitlines() + [""] for x in sections]
 
     def add(self, lines: list[str]) -> None:
         title = lines[0]
-        self.kept = [p for p in self.kept if p[0] != title]
-        self.parts.append([title + (" *(updated)*" if self.head[-2].startswith("Sections marked") else ""),
+        self.kept = [p for p in self.kept if p[0].removesuffix(" *(updated)*") != title]
+        self.parts.append([title + (" *(updated)*" if self.head[-2].startswith(UPDATED) else ""),
                            *lines[1:], ""])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(self.head + [x for p in self.parts + self.kept for x in p]).rstrip("\n")
@@ -498,10 +525,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="best of this many (multi-vector; peak: at least 3)")
     p.add_argument("--precision-repeat", type=int, default=5, help="alternating fp32 / bf16 runs per case (precision)")
     p.add_argument("--embed-per-length", type=int, default=7, help="passages per length, 2k / 4k / 8k (precision)")
+    p.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                   help="training precision of train and st (sentence-transformers' bf16 flag), and the compute dtype "
+                   "of multivector and long; auto: the CPU scales' rule (bf16 where the CPU has bf16 matrix units)")
     p.add_argument("--merge", action="store_true", help="rewrite only the sections run inside --out (default: "
                    "results/bench.md), keeping its other sections")
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.precision == "auto":
+        from dewey_lab.precision import choose
+
+        a.precision, why = choose("cpu")
+        if not a.one:
+            print(f"precision: {a.precision} ({why})", flush=True)
     a.mv_lengths = [int(x) for x in a.mv_lengths.split(",")]
     if a.one:  # a case in its own process
         kind, *rest = a.one
@@ -523,7 +559,10 @@ def main() -> None:
     common = [f"--work={a.work}", f"--max-length={a.max_length}", f"--batch-size={a.batch_size}",
               f"--budget={a.budget}", f"--steps={a.steps}", f"--warmup={a.warmup}",
               f"--mv-lengths={','.join(map(str, a.mv_lengths))}", f"--repeats={a.repeats}",
-              f"--precision-repeat={a.precision_repeat}", f"--embed-per-length={a.embed_per_length}"]
+              f"--precision-repeat={a.precision_repeat}", f"--embed-per-length={a.embed_per_length}",
+              f"--precision={a.precision}"]
+    bf16 = a.precision == "bf16-mixed"
+    in_words = ("bf16 (`bf16-mixed`: autocast over fp32 weights)" if bf16 else "fp32 (`32-true`)")
 
     def case(*args):
         out = run_case(__file__, *args, *common)
@@ -561,7 +600,7 @@ def main() -> None:
             (f"Whole documents of the offline corpus cut at {a.max_length} tokens (mean "
             f"{fmt(rows[0]['mean_text_tokens'], 0)}), {a.batch_size} texts per fixed batch or "
             f"{a.budget:,} tokens per token-budget batch; {a.steps} timed steps after {a.warmup} untimed, "
-            "data loading included. Real tokens exclude padding. fp32 (`32-true`)."), "", mfu_note, "",
+            f"data loading included. Real tokens exclude padding. {in_words}."), "", mfu_note, "",
             "| layout | texts/step | padding | real tokens/s | MFU | ratio to padded |", "|---|---:|---:|---:|---:|---:|",
             *[f"| {r['layout']} | {fmt(r['texts_per_step'], 1)} | {r['padding']:.0%} | "
               f"{fmt(r['real_tokens_per_s'], 0)} | {pct(mfu(r['real_tokens_per_s'], TINY, r['texts'], peak))} | "
@@ -576,7 +615,8 @@ def main() -> None:
             ("Same student init, texts (whole documents at max_length "
             f"{a.max_length}) and batch size ({a.batch_size}); theirs: `SentenceTransformerTrainer` + "
             "`MSELoss` on our cached teacher vectors (whole-text loss only, padded batches); ours: "
-            "`DistillModule` packed, with the chunk losses too (more work per step). Both fp32."), "", mfu_note, "",
+            "`DistillModule` packed, with the chunk losses too (more work per step). Both "
+            + ("bf16 (ours `bf16-mixed`, theirs `bf16=True`)." if bf16 else "fp32.")), "", mfu_note, "",
             "| trainer | texts/s | real tokens/s | MFU | ratio |", "|---|---:|---:|---:|---:|",
             (f"| sentence-transformers | {fmt(s['texts_per_s'])} | {fmt(s['real_tokens_per_s'], 0)} | "
              f"{pct(mfu(s['real_tokens_per_s'], TINY, s['texts'], peak))} | 1.00 |"),
@@ -609,9 +649,16 @@ def main() -> None:
              f"{pct(mfu(embed_tokens / em['fp32_s'], TINY, em['texts'], peak, train=False))} | "
              f"{pct(mfu(embed_tokens / em['bf16_s'], TINY, em['texts'], peak, train=False))} | "
              f"**{fmt(em['fp32_s'] / em['bf16_s'])}x** |"), "",
+            (f"Against the training step as it ran before 2026-12 (fp32, and a dense (R, 1, T, T) document mask on "
+             "every layer, so every layer computed T x T scores; now each packed text attends on its own, "
+             f"`attention.forward_rows`), timed alternating with the two above: {fmt(tr['fp32_dense_s'])} s, "
+             f"{fmt(tr['real_tokens'] / tr['fp32_dense_s'], 0)} tokens/s: the default (bf16) step is "
+             f"**{fmt(tr['fp32_dense_s'] / tr['bf16_s'])}x** faster, fp32 now {fmt(tr['fp32_dense_s'] / tr['fp32_s'])}x."),
+            "",
             (f"Study evaluation vectors/s: fp32 {fmt(em['vectors'] / em['fp32_s'], 1)}, bf16 "
              f"{fmt(em['vectors'] / em['bf16_s'], 1)}. Runs (s): training fp32 "
              f"{', '.join(fmt(x) for x in tr['runs']['fp32'])}; bf16 {', '.join(fmt(x) for x in tr['runs']['bf16'])}; "
+             f"fp32 before 2026-12 {', '.join(fmt(x) for x in tr['runs']['fp32_dense'])}; "
              f"evaluation fp32 {', '.join(fmt(x) for x in em['runs']['fp32'])}; bf16 "
              f"{', '.join(fmt(x) for x in em['runs']['bf16'])}.")])
     if "stream" in sections:
@@ -638,7 +685,8 @@ def main() -> None:
             "## Multi-vector passage encoding: one pass against one pass per chunk (tiny student, CPU)", "",
             ("256-token chunks with 64 overlap, mean-pooled. One pass reads the passage once (late chunking); "
             "per chunk reads each chunk alone, one call each or all chunks in one batch. Best of "
-            f"{a.repeats}. fp32. Tokens/s and MFU are the one pass's (the passage's tokens once)."), "", mfu_note, "",
+            f"{a.repeats}. {'bf16 (`dtype=bfloat16`)' if bf16 else 'fp32'}. Tokens/s and MFU are the one pass's (the "
+            "passage's tokens once)."), "", mfu_note, "",
             ("| tokens | chunks | one pass (s) | one pass tokens/s | one pass MFU | per chunk (s) | "
              "per chunk, batched (s) | per chunk / one pass | batched / one pass |"),
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -652,12 +700,12 @@ def main() -> None:
         rows = []
         for n in map(int, a.long_lengths.split(",")):
             for path in ("banded", "dense") if n <= 8192 else ("banded",):
-                r = run_case(script, n, path)
+                r = run_case(script, n, path, a.precision)
                 rows.append(r if isinstance(r, dict) else {"length": n, "path": path, "error": r})
         report.add([
             "## One long passage: forward time and peak memory (tiny student, CPU, inference)", "",
             ("`banded`: our blocked sliding-window SDPA (what the Embedder uses past 2,048 tokens); `dense`: "
-            "transformers' default SDPA path with dense L x L masks (skipped past 8k). fp32; one forward, "
+            f"transformers' default SDPA path with dense L x L masks (skipped past 8k). {'bf16 autocast' if bf16 else 'fp32'}; one forward, "
             "first call (no warm-up)."), "", mfu_note, "",
             ("| tokens | path | seconds | tokens/s | MFU | peak RSS (MiB) | growth over the model load "
              "(MiB; 0: below its peak) |"), "|---:|---|---:|---:|---:|---:|---:|",

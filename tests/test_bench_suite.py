@@ -65,3 +65,17 @@ def test_merge_rewrites_only_the_sections_run(tmp_path):
     assert "old peak" not in text and "new peak" in text and "old train" in text
     assert text.index("new peak") < text.index("old train")
     assert "## Peak: matmul GFLOP/s on this CPU *(updated)*" in text and "`old command`" in text
+
+
+def test_a_second_merge_replaces_the_updated_section_and_line(tmp_path):
+    """A section marked *(updated)* by one merge is replaced, not repeated, by the next; the head keeps one
+    'Sections marked' line (the newest command's)."""
+    out = tmp_path / "bench.md"
+    out.write_text("# Benchmarks\n\n`old command`\non vm.\n\n## Peak: matmul GFLOP/s on this CPU\n\nold peak\n")
+    for text in ("first", "second"):
+        report = suite.Report(out, ["--sections", "peak", "--merge", f"--tag={text}"], merge=True)
+        report.add(["## Peak: matmul GFLOP/s on this CPU", "", f"{text} peak"])
+    text = out.read_text()
+    assert text.count("## Peak: matmul GFLOP/s on this CPU") == 1 and "second peak" in text
+    assert "first peak" not in text and "old peak" not in text
+    assert text.count("Sections marked *(updated)*") == 1 and "--tag=second" in text

@@ -192,10 +192,10 @@ def test_auto_picks_torch_varlen_on_cuda_without_flash_attn(monkeypatch):
         student.pick_attn_implementation(attention.TORCH_VARLEN)
 
 
-def test_packed_sliding_layers_in_small_blocks_equal_the_unpacked_path(small_corpus_path, counting_cache):
-    """The SDPA path runs packed rows' sliding layers block by block (``BANDED_PACKED``), each block's queries
-    against their keys with the document mask sliced to them: with 16-query blocks (6 per 96-token row, a
-    16-token window crossing every block edge) each text's states equal its own unpacked run."""
+def test_packed_texts_attending_alone_equal_the_unpacked_path(small_corpus_path, counting_cache):
+    """The SDPA path runs each packed text on its own (``BANDED_PACKED``, ``row_spans``): global layers one
+    unmasked SDPA per text, sliding layers block by block within the text. With 16-query blocks (a 16-token
+    window crossing every block edge) each text's states and the gradients equal the unpacked run's."""
     import functools
 
     from transformers import AttentionInterface
@@ -218,9 +218,18 @@ def test_packed_sliding_layers_in_small_blocks_equal_the_unpacked_path(small_cor
         with torch.no_grad():
             h_un = attention.forward_rows(module.student, unpacked)  # transformers' own SDPA path, one text per row
             h_pk = attention.forward_rows(module.student, packed)
+        grads = []  # and the backward: each text attending on its own gives the unpacked path's gradients
+        for batch in (unpacked, packed):
+            module.zero_grad()
+            h = attention.forward_rows(module.student, batch)
+            sum(head(h, batch).pow(2).sum() for head in (CLSPooling(), ChunkMeanPooling())).backward()
+            grads.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None})
     finally:
         AttentionInterface.register(attention.BANDED_PACKED,
                                     functools.partial(attention.banded_sdpa, block=attention.PACKED_BLOCK))
     assert module.student.config._attn_implementation == "sdpa"  # restored after the pass
     for head in (CLSPooling(), MeanPooling(), ChunkMeanPooling()):
         torch.testing.assert_close(head(h_pk, packed), head(h_un, unpacked), atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-4, rtol=1e-4, msg=name)

@@ -14,9 +14,11 @@ Outputs equal the dense path's (tested); it is registered as the attention imple
 
 ``forward_rows(model, batch)`` runs a collated batch, packed or not: a packed batch gets
 per-document positions and either ``cu_seqlens`` (flash-attn varlen: no mask, no padding cost)
-or a block-diagonal mask (SDPA, eager) so that no token sees another document. On ModernBERT's SDPA
-path the sliding layers then run ``banded_sdpa`` in 256-query blocks with the document mask sliced
-per block, so they never compute the (T, T) scores their 128-token window does not need.
+or a block-diagonal mask (eager) so that no token sees another document. On ModernBERT's SDPA path
+each packed text attends on its own (``row_spans``): a global layer runs one unmasked SDPA per text
+(sum(n_i^2) scores, not T^2) and a sliding layer runs ``banded_sdpa`` in 256-query blocks within the
+text, so no layer builds or reads a (T, T) mask. Measured on the small student, 4 x 2,048 packed tokens,
+forward + backward: 1.59x (fp32) and 1.45x (bf16) the dense-mask path (``benchmarks/packed_attention.py``).
 """
 
 from __future__ import annotations
@@ -35,38 +37,57 @@ BANDED = "sdpa_banded"
 
 def banded_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
-                block: int = 1024, **kwargs) -> tuple[Tensor, None]:
+                block: int = 1024, row_spans: list[list[tuple[int, int]]] | None = None,
+                **kwargs) -> tuple[Tensor, None]:
     """transformers attention interface: (B, H, L, Dh) q/k/v -> ((B, L, H, Dh), None).
 
     ``attention_mask`` is None, a boolean key mask (B, 1, 1, L), True where a token is real, or a boolean
-    (B, 1, L, L) mask (packed rows' documents, ``forward_rows``), sliced to each block's queries and keys.
+    (B, 1, L, L) mask, sliced to each block's queries and keys. ``row_spans``
+    (packed rows, ``forward_rows``): for each row the ``[start, end)`` of each text, padding its own span,
+    covering the row; each text then attends on its own and no mask is built (the mask is ignored).
     """
+    if row_spans is not None:
+        rows = [torch.cat([_attend(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], None,
+                                   dropout, scaling, sliding_window, block) for a, b in spans], dim=2)
+                for r, spans in enumerate(row_spans)]
+        out = torch.cat(rows, dim=0)
+    else:
+        out = _attend(query, key, value, attention_mask, dropout, scaling, sliding_window, block)
+    return out.transpose(1, 2).contiguous(), None  # (B, L, H, Dh)
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, dropout: float,
+            scaling: float | None, sliding_window: int | None, block: int) -> Tensor:
+    """(B, H, L, Dh) attention output: unwindowed (a global layer), or ``sliding_window`` in ``block``-query
+    blocks; ``attention_mask`` as ``banded_sdpa`` takes it."""
     if sliding_window is None:  # a global layer
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                              scale=scaling)
     w = sliding_window - 1  # ModernBERT passes half-window + 1 (flash-attn's inclusive bound)
     L = query.shape[2]
     outs = []
     for s in range(0, L, block):
         e = min(s + block, L)
         ks, ke = max(0, s - w), min(L, e + w)
-        q_pos = torch.arange(s, e, device=query.device)[:, None]
-        k_pos = torch.arange(ks, ke, device=query.device)[None, :]
-        mask = (q_pos - k_pos).abs() <= w  # (bq, bk): the band
-        if attention_mask is not None:
-            rows = attention_mask[..., s:e, :] if attention_mask.shape[-2] == L else attention_mask  # queries
-            mask = mask & rows[..., ks:ke]  # (B, 1, bq, bk)
+        mask = None
+        if ke - 1 - s > w or e - 1 - ks > w:  # else every query of the block sees every key: no band to apply
+            q_pos = torch.arange(s, e, device=query.device)[:, None]
+            k_pos = torch.arange(ks, ke, device=query.device)[None, :]
+            mask = (q_pos - k_pos).abs() <= w  # (bq, bk): the band
+        if attention_mask is not None:  # a key mask, or a (B, 1, L, L) one sliced to the block's queries
+            rows = attention_mask[..., s:e, :] if attention_mask.shape[-2] == L else attention_mask
+            mask = rows[..., ks:ke] if mask is None else mask & rows[..., ks:ke]
         outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, ks:ke], value[:, :, ks:ke],
                                                    attn_mask=mask, dropout_p=dropout, scale=scaling))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (B, L, H, Dh)
+    return torch.cat(outs, dim=2)
 
 
 AttentionInterface.register(BANDED, banded_sdpa)
 AttentionMaskInterface.register(BANDED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # else transformers builds no mask
 # Packed training rows (2k tokens, a 128-token window): 256-query blocks read 384 keys each instead of 2,048;
-# measured 1.31x (fp32) and 1.22x (bf16) per forward + backward of the small student on 4 x 2,048 packed tokens
-# against dense document masks, 1.14x / 1.16x with 1,024-query blocks (2 CPU cores).
+# with the document mask sliced per block (before each text attended alone) measured 1.31x (fp32) and 1.22x
+# (bf16) per forward + backward of the small student on 4 x 2,048 packed tokens against dense document masks,
+# 1.14x / 1.16x with 1,024-query blocks (2 CPU cores).
 PACKED_BLOCK = 256
 BANDED_PACKED = "sdpa_banded_packed"
 AttentionInterface.register(BANDED_PACKED, functools.partial(banded_sdpa, block=PACKED_BLOCK))
@@ -182,11 +203,11 @@ def forward_rows(model, batch: dict[str, Tensor]) -> Tensor:
     if impl not in ("sdpa", "eager", BANDED, BANDED_PACKED):
         raise ValueError(f"data.batching.pack needs attention sdpa, eager or flash_attention_2, not {impl}; "
                          "set model.student.attn_implementation: auto, or data.batching.pack: false")
-    if impl == "sdpa" and can_band(model):  # sliding layers block by block: O(T x (block + 2w)), not O(T^2)
-        same = document_masks(batch["token_doc"], None)["full_attention"]  # (R, 1, T, T)
+    if impl == "sdpa" and can_band(model):  # each text on its own: sum(n_i^2) scores, not T^2, and no mask
         with banded(model, BANDED_PACKED):
             out = model(input_ids=ids, position_ids=batch["position_ids"],
-                        attention_mask={"full_attention": same, "sliding_attention": same})
+                        attention_mask={"full_attention": None, "sliding_attention": None},
+                        row_spans=row_spans(batch["token_doc"]))
         return out.last_hidden_state
     masks = document_masks(batch["token_doc"], model.config.sliding_window)
     if impl == "eager":  # eager adds its mask to the scores
@@ -194,6 +215,16 @@ def forward_rows(model, batch: dict[str, Tensor]) -> Tensor:
         masks = {k: torch.zeros(m.shape, dtype=model.dtype, device=m.device).masked_fill(~m, low)
                  for k, m in masks.items()}
     return model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=masks).last_hidden_state
+
+
+def row_spans(token_doc: Tensor) -> list[list[tuple[int, int]]]:
+    """For each packed row, the ``[start, end)`` of each run of one document id (padding, -1, is a run too)."""
+    R, T = token_doc.shape
+    cuts = (token_doc[:, 1:] != token_doc[:, :-1]).nonzero().tolist()  # (row, i): a new run starts at i + 1
+    bounds: list[list[int]] = [[0] for _ in range(R)]
+    for r, i in cuts:
+        bounds[r].append(i + 1)
+    return [list(zip(b, b[1:] + [T])) for b in bounds]
 
 
 def document_masks(token_doc: Tensor, half_window: int | None) -> dict[str, Tensor]:
