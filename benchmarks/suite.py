@@ -585,7 +585,8 @@ def main() -> None:
             "## Teacher fill (all-MiniLM-L6-v2 on CPU)", "",
             (f"The offline corpus's {f['texts']:,} windows and chunks ({f['unique']:,} unique) at "
             f"max_length {a.max_length}: ours (`prepare_data`: dedupe, length-sorted {8192}-token batches, "
-            "cache writes) against `SentenceTransformer.encode(texts, batch_size=64)` on the same texts."), "",
+            "cache writes; the teacher's `dtype: auto`, so bf16 autocast where the CPU has bf16 matrix units) against "
+            "`SentenceTransformer.encode(texts, batch_size=64)` (fp32, its default) on the same texts."), "",
             "| fill | seconds | texts/s | ratio |", "|---|---:|---:|---:|",
             f"| sentence-transformers `encode` | {fmt(f['st_s'], 1)} | {fmt(f['texts'] / f['st_s'], 0)} | 1.00 |",
             (f"| ours, first fill (empty cache) | {fmt(f['first_s'], 1)} | {fmt(f['texts'] / f['first_s'], 0)} | "

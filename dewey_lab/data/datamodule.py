@@ -52,6 +52,7 @@ class DistillDataModule(L.LightningDataModule):
         cache: CacheConfig = CacheConfig(),  # noqa: B008
         stream: StreamConfig = StreamConfig(),  # noqa: B008
         seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -63,6 +64,9 @@ class DistillDataModule(L.LightningDataModule):
             cache: the teacher's vector store and its fill (dir, dtype, fill_block, fill_shard).
             stream: read the corpus as a stream while training (enabled, block, fill, val_docs).
             seed: seeds chunking and shuffling.
+            shuffle_seed: seeds the batch order only (None: ``seed``). A study's seeds vary it beside
+                ``seed_everything``, so every seed reads the same windows and chunks (one teacher fill)
+                in its own order.
         """
         super().__init__()
         if isinstance(corpus, list):
@@ -80,6 +84,7 @@ class DistillDataModule(L.LightningDataModule):
             raise ValueError(f"data.batching.batch_tokens {batching.batch_tokens} is less than one window "
                              f"({pack_length or max_length} tokens); raise it or set it to null")
         self.windows, self.batching, self.stream, self.seed = windows, batching, stream, seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.pack_length = (pack_length or max_length) if batching.pack else None
         self.cache = VectorStore(cache.dir, cache.dtype)
         self.fill_block, self.fill_shard = cache.fill_block, parse_shard(cache.fill_shard)
@@ -219,10 +224,11 @@ class DistillDataModule(L.LightningDataModule):
                   "persistent_workers": shuffle and b.num_workers > 0}
         lengths = [e.n_tokens for e in data.examples]
         if b.batch_tokens is not None:
-            sampler = TokenBudgetBatchSampler(lengths, b.batch_tokens, packed=b.pack, seed=self.seed, shuffle=shuffle)
+            sampler = TokenBudgetBatchSampler(lengths, b.batch_tokens, packed=b.pack, seed=self.shuffle_seed,
+                                              shuffle=shuffle)
         else:
-            sampler = FixedBatchSampler(len(data), b.batch_size, seed=self.seed, shuffle=shuffle, drop_last=shuffle,
-                                        lengths=lengths)
+            sampler = FixedBatchSampler(len(data), b.batch_size, seed=self.shuffle_seed, shuffle=shuffle,
+                                        drop_last=shuffle, lengths=lengths)
         if not shuffle:
             return DataLoader(data, batch_sampler=sampler, **common)
         return ResumableLoader(data, batch_sampler=sampler, batches_done=self._batches_done, **common)
@@ -266,7 +272,7 @@ class DistillDataModule(L.LightningDataModule):
                                  "data.batching.batch_size (it counts texts per step over all ranks)")
         stream = WindowStream(self.corpus, self.windower, self.cache, self._collate, rank=rank, world_size=size,
                               batch_size=batch_size, batch_tokens=batch_tokens, packed=b.pack, block=self.stream.block,
-                              seed=self.seed)
+                              seed=self.shuffle_seed)
         self._stream_loader = StreamLoader(stream, num_workers=b.num_workers, teacher=self.teacher,
                                            fill=self.stream.fill, batches_done=self._batches_done, resume=resume)
         return self._stream_loader

@@ -49,7 +49,11 @@ class WindowConfig:
     prompt: str | None = None
     """Text the student reads before each training text; its tokens are never pooled."""
     val_fraction: float = 0.02
-    """Share of documents held out for validation (by a hash of the document id)."""
+    """Share of documents held out for validation (by a hash of the document id, or of its package)."""
+    val_by: Literal["document", "package"] = "document"
+    """What a validation hold-out keeps together: each ``document`` on its own, or every document of one
+    ``package``, the id's first dotted part (``numpy.linalg`` -> ``numpy``: pydoc pages), so no page of a
+    held-out package is trained on."""
     max_val_examples: int = 1024
     """Cap on validation windows."""
 
@@ -139,7 +143,8 @@ class Windower:
         return self._frame
 
     def is_val(self, doc: Document) -> bool:
-        return _unit_hash(doc.doc_id) < self.config.val_fraction
+        group = doc.doc_id.split(".")[0] if self.config.val_by == "package" else doc.doc_id
+        return _unit_hash(group) < self.config.val_fraction
 
     def windows_of(self, docs: Iterable[Document], group: int = 256) -> Iterator[tuple[str, Example]]:
         """``windows`` of a stream of documents, ``group`` documents per tokenizer call, as they come."""

@@ -1,9 +1,10 @@
 """Evaluation-only text: the docstrings of installed packages that no training corpus reads.
 
-``EVAL_PACKAGES`` names them. The offline training corpus renders standard-library pages only
-(``dewey_lab.data.pydoc``), and a corpus source that adds other installed packages must skip
-these: the split is by package, never by page, so no ``val_fraction`` of a training config can
-let one of their documents into training. Every evaluation task that needs text no student saw
+``EVAL_PACKAGES`` (``dewey_lab.data.pydoc``) names them. The offline training corpus renders the
+standard library's pages and, with ``packages``, other installed packages' (``PydocCorpus``); it
+refuses these by name and drops any page sharing a 50-token run with their text
+(``dewey_lab.data.decontaminate``): the split is by package, never by page, so no ``val_fraction``
+of a training config can let one of their documents into training. Every evaluation task that needs text no student saw
 reads it from here: the needle haystack (``default_haystack``), ``deep/heldout`` and the
 ``semantic/...`` tasks.
 
@@ -50,11 +51,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-EVAL_PACKAGES: tuple[str, ...] = ("networkx",)
-"""Installed packages whose text is evaluation-only: never in any training corpus. networkx (a
-torch dependency, so in every environment that runs dewey_lab) has ~270 modules of numpy-style
-docstrings, one-line summaries included. A training corpus of installed packages' pages must
-exclude every name here."""
+from dewey_lab.data.pydoc import EVAL_PACKAGES
+
+# EVAL_PACKAGES (networkx: a torch dependency, so in every environment that runs dewey_lab, with ~270 modules of
+# numpy-style docstrings, one-line summaries included) is defined beside the training corpus that must exclude it.
 
 _ADORNMENT = re.compile(r"[ \t]*[=\-~*^#+_]{3,}[=\-~*^#+_ \t]*")  # a whole line of reST adornment
 _SENTENCE_END = re.compile(r"[.!?](?=$|\s+[A-Z])")  # "e.g. for" goes on; "... graphs. Finds" ends
