@@ -63,7 +63,7 @@ def test_sharing_counts_runs_of_span_tokens(tokenizer):
     reference = " ".join(f"word{i}" for i in range(400))
     ref_ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
     vocab = tokenizer.convert_ids_to_tokens
-    quote = lambda a, b: tokenizer.convert_tokens_to_string(vocab(ref_ids[a:b]))  # noqa: E731
+    quote = lambda a, b: tokenizer.convert_tokens_to_string(vocab(ref_ids[a:b]))
     pages = {"copies 60": "intro text here. " + quote(100, 160) + " and then more of its own.",
              "copies 49": "intro text here. " + quote(100, 149) + " and then more of its own.",
              "own": "a page of its own words, nothing taken from anywhere else at all."}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dewey_lab.data.corpus import CorpusSource, JsonlCorpus
+from dewey_lab.data.reserved import EVAL_PACKAGES
 from dewey_lab.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ _PAGE_ARGV0 = str(_PROJECT / "dewey_lab" / "corpus.py")
 
 # Import has side effects (browser, printing, GUI) or the module is CPython's own test suite.
 _PYDOC_EXCLUDED = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test"})
-
-EVAL_PACKAGES: tuple[str, ...] = ("networkx",)
-"""Installed packages whose text is evaluation-only (``dewey_lab.eval.tasks.heldout``): never in a training
-corpus. ``PydocCorpus`` refuses them by name and drops any page that shares a 50-token span with them."""
 
 # Installed top-level packages left out of ``packages: installed``: this project itself (its pages would change
 # with every commit), packaging tools, and packages whose submodules start servers, GUIs or test sessions.

@@ -1,6 +1,6 @@
 """Evaluation-only text: the docstrings of installed packages that no training corpus reads.
 
-``EVAL_PACKAGES`` (``dewey_lab.data.pydoc``) names them. The offline training corpus renders the
+``EVAL_PACKAGES`` (``dewey_lab.data.reserved``) names them. The offline training corpus renders the
 standard library's pages and, with ``packages``, other installed packages' (``PydocCorpus``); it
 refuses these by name and drops any page sharing a 50-token run with their text
 (``dewey_lab.data.decontaminate``): the split is by package, never by page, so no ``val_fraction``
@@ -51,7 +51,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dewey_lab.data.pydoc import EVAL_PACKAGES
+from dewey_lab.data.reserved import EVAL_PACKAGES
 
 # EVAL_PACKAGES (networkx: a torch dependency, so in every environment that runs dewey_lab, with ~270 modules of
 # numpy-style docstrings, one-line summaries included) is defined beside the training corpus that must exclude it.
