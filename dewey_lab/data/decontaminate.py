@@ -4,9 +4,8 @@ A package's pydoc page can carry another package's words: a re-exported function
 docstring, a module copies a paragraph. ``PydocCorpus(packages=...)`` therefore drops, at build
 time, every page that shares a ``SPAN``-token run (all-MiniLM-L6-v2 tokens, no special tokens)
 with the evaluation-only text of ``EVAL_PACKAGES`` (``dewey_lab.eval.tasks.heldout``: the needle
-haystack, ``deep/heldout``, ``semantic/...``). 50 tokens is the n-gram overlap rule of LLM
-benchmark decontamination (GPT-3 used 13-grams of words; a 50-token run is about 35 words), and
-the length ``tests/test_heldout.py`` checks with its own hash.
+haystack, ``deep/heldout``, ``semantic/...``). 50 tokens (about 35 words) is the length
+``tests/test_heldout.py`` checks with its own hash (looser than GPT-3's 13-word n-gram rule).
 
 Spans are compared by a 64-bit hash: each window's token ids dotted with fixed random 64-bit
 coefficients, wrapping (a collision needs two different windows to agree on 64 bits).
@@ -14,6 +13,7 @@ coefficients, wrapping (a collision needs two different windows to agree on 64 b
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -24,12 +24,18 @@ SPAN = 50
 """Tokens: no training page may share a run this long with evaluation text."""
 
 
+@functools.cache
+def _coefficients(span: int) -> np.ndarray:
+    """The hash's fixed odd 64-bit coefficients, one per window position (drawn once per span length)."""
+    return np.random.default_rng(20261202).integers(1, 2**63, size=span, dtype=np.uint64) | np.uint64(1)
+
+
 def span_hashes(ids: list[int], span: int = SPAN) -> np.ndarray:
     """(n - span + 1,) uint64 hashes of every ``span``-token window of ``ids`` (none when shorter)."""
     a = np.asarray(ids, dtype=np.uint64)
     if len(a) < span:
         return np.zeros(0, dtype=np.uint64)
-    coef = np.random.default_rng(20261202).integers(1, 2**63, size=span, dtype=np.uint64) | np.uint64(1)
+    coef = _coefficients(span)
     windows = np.lib.stride_tricks.sliding_window_view(a, span)  # (n - span + 1, span), a view
     with np.errstate(over="ignore"):
         out = np.zeros(len(windows), dtype=np.uint64)

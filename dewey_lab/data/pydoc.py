@@ -110,7 +110,7 @@ class PydocCorpus(CorpusSource):
         held = sorted({m.split(".")[0] for m in [*(modules or []), *(packages if isinstance(packages, list) else [])]}
                       & set(EVAL_PACKAGES))
         if held:
-            raise ValueError(f"{', '.join(held)} is evaluation-only text (dewey_lab.data.pydoc.EVAL_PACKAGES); "
+            raise ValueError(f"{', '.join(held)} is evaluation-only text (dewey_lab.data.reserved.EVAL_PACKAGES); "
                              "remove it from data.corpus modules/packages")
         if max_modules_per_package < 1:
             raise ValueError(f"max_modules_per_package must be >= 1, got {max_modules_per_package}")
@@ -176,7 +176,8 @@ class PydocCorpus(CorpusSource):
             from dewey_lab.data.decontaminate import sharing_pages
 
             dropped = sharing_pages({r["id"]: r["text"] for r in pages}, EVAL_PACKAGES)
-            pages = [r for r in pages if r["id"] not in set(dropped)]
+            gone = set(dropped)
+            pages = [r for r in pages if r["id"] not in gone]
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pages))
         log.info(
             "built %s: %d pages in %.1fs; skipped (import failed): %d %s; dropped (share a 50-token span with "
