@@ -175,3 +175,24 @@ def test_langref_shares_only_table_borders_with_training(tokenizer, training_spa
         if words:
             worded[list(task.corpus)[i]] = len(words)
     assert worded == {}
+
+
+@pytest.mark.slow
+def test_no_eval_text_shares_a_50_token_span_with_the_package_corpus(tokenizer, tmp_path_factory):
+    """The small scale's corpus (the standard library's and every installed package's pages) against every eval
+    text built on the evaluation-only package: the same check as above, with the spans of the package corpus.
+    Reads ``data/pydoc_packages_corpus.jsonl`` where a study built it, else builds it here (~10 min, 2 cores)."""
+    from pathlib import Path
+
+    built = Path("data/pydoc_packages_corpus.jsonl")
+    path = built if built.exists() else tmp_path_factory.mktemp("packages") / "packages.jsonl"
+    pages = [doc.text for doc in PydocCorpus(cache_path=str(path), packages="installed").documents()]
+    assert len(pages) >= 1500
+    ids = tokenizer(pages, add_special_tokens=False, verbose=False)["input_ids"]
+    spans = np.unique(np.concatenate([rolling(x) for x in ids]))
+    needle = make_needle(tokenizer, 8192, n_queries=5, n_docs=10)
+    deep = make_deep("heldout", tokenizer, max_tokens=8192, corpus_path=str(path))
+    texts = [default_haystack(), *needle.corpus.values(), *deep.corpus.values(),
+             *make_semantic("summary", tokenizer, max_tokens=8192).corpus.values(),
+             *make_semantic("concat", tokenizer, max_tokens=8192, n_docs=100).corpus.values()]
+    assert shared_spans(tokenizer, texts, spans) == {}

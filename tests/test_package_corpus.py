@@ -89,3 +89,17 @@ def test_val_by_package_holds_out_whole_packages():
     for doc in docs:  # by document, packages are split (the old rule: a page is held out on its own)
         split.setdefault(doc.doc_id.split(".")[0], set()).add(by_document.is_val(doc))
     assert any(len(v) == 2 for v in split.values())
+
+
+def test_counting_shared_hashes_matches_numpy_isin():
+    """The build's binary search over the sorted reference hashes counts what ``np.isin`` counts."""
+    import numpy as np
+
+    from dewey_lab.data.decontaminate import _count_in
+
+    rng = np.random.default_rng(7)
+    ref = np.unique(rng.integers(0, 2**63, 500, dtype=np.uint64))
+    for values in (rng.integers(0, 2**63, 300, dtype=np.uint64), np.concatenate([ref[::3], ref[-1:], ref[:1]]),
+                   np.zeros(0, dtype=np.uint64), np.asarray([2**64 - 1, 0], dtype=np.uint64)):
+        assert _count_in(values, ref) == int(np.isin(values, ref).sum())
+    assert _count_in(ref, np.zeros(0, dtype=np.uint64)) == 0

@@ -46,6 +46,9 @@ _PACKAGES_EXCLUDED = frozenset({
     "distutils", "IPython", "tensorboard", "tensorboard_data_server", "pytest", "_pytest", "py", "xdist",
     "pytest_xdist", "execnet", "ruff", "pluggy", "iniconfig", "nvidia", "triton"})
 _SKIPPED_PARTS = frozenset({"tests", "test", "testing", "conftest", "benchmarks", "examples", "__main__"})
+# Modules whose page pydoc cannot render in reasonable time: ``transformers.models`` lists every model's namespace
+# (still unfinished after 10 min on 2 cores). Neither rendered nor walked into.
+_MODULES_EXCLUDED = frozenset({"transformers.models"})
 MAX_PAGE_CHARS = 200_000
 """A package page longer than this is cut here (a top-level namespace such as ``torch`` renders megabytes);
 training reads at most a few 2k-token windows of a page anyway. Standard-library pages are kept whole."""
@@ -261,9 +264,9 @@ def package_modules(package: str, limit: int) -> list[str]:
             if not paths:
                 continue
             for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
-                if info.name.startswith("_") or info.name in _SKIPPED_PARTS:
-                    continue
                 full = f"{name}.{info.name}"
+                if info.name.startswith("_") or info.name in _SKIPPED_PARTS or full in _MODULES_EXCLUDED:
+                    continue
                 found.append(full)
                 if info.ispkg:
                     below.append((full, None))

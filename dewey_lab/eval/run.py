@@ -210,6 +210,9 @@ def parser():
                    help="passage-embedding cache ('' for none)")
     p.add_argument("--out_dir", "--out-dir", type=str, default="results")
     p.add_argument("--progress", type=bool, default=True)
+    p.add_argument("--only", type=str | None, default=None,
+                   help="a study: score only the runs with these labels (comma list), e.g. one new training run; "
+                        "make compare merges every results file of the study, the newest per label")
     p.add_argument("--label", type=str | None, default=None,
                    help="the name a study's run goes by in its report (default: the model's name)")
     p.add_argument("--runs", type=list[dict] | None, default=None,
@@ -225,9 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.model and not a.runs:
         raise ValueError("give --model (a hub id, a directory, a .ckpt, bm25, length or bow), or a study file with runs")
     studies = [a] if not a.runs else [_override(a, r) for r in a.runs]
+    context = _context_runs(studies) if a.runs else {}  # over the whole study, also when --only scores a part
+    if a.only:
+        if not a.runs:
+            raise ValueError("--only picks runs of a study: give --config with a runs: list")
+        studies, context = _only(studies, context, a.only)
     prepared = [prepare(x) for x in studies]  # every model loaded, extension bound, task built: then compute
     rows = []
-    context = _context_runs(studies) if a.runs else {}
     for k, (x, (runs, tasks)) in enumerate(zip(studies, prepared)):
         for label, retriever, max_length in runs:
             for row in evaluate(retriever, tasks, max_length):
@@ -235,10 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({**row, "extension": label, **({"target": max_length} if label != "none" else {}),
                              **({"model": name} if a.runs else {}), **({"context": context[k]} if k in context else {})})
     first = prepared[0][0][0][1]
-    settings = {"tasks": a.tasks, "mode": a.mode, "query_pooling": a.query_pooling, "synthetic": a.synthetic,
-                "seed": a.seed, "n_queries": a.n_queries, "n_docs": a.n_docs}
+    settings = {"tasks": a.tasks, "lengths": a.lengths, "mode": a.mode, "query_pooling": a.query_pooling,
+                "synthetic": a.synthetic, "seed": a.seed, "n_queries": a.n_queries, "n_docs": a.n_docs,
+                "chunk_size": a.chunk_size, "chunk_overlap": a.chunk_overlap}
     if a.runs:
         settings["runs"] = a.runs
+        if a.only:
+            settings["only"] = a.only
     elif a.model not in NO_MODEL:
         settings.update(model_path=a.model, window=first.embedder.window,
                         extension=", ".join(r[0] for r in prepared[0][0]), **_embedder_settings(first.embedder))
@@ -260,6 +270,17 @@ def _context_runs(studies: list) -> dict[int, str]:
     students = any(is_student(str(x.model)) for x in studies)
     return {k: "baseline" if x.model in NO_MODEL else "reference" for k, x in enumerate(studies)
             if x.model in NO_MODEL or (students and not is_student(str(x.model)))}
+
+
+def _only(studies: list, context: dict[int, str], only: str) -> tuple[list, dict[int, str]]:
+    """The study runs ``--only`` names (by label, else model), with their context marks; one line if one is unknown."""
+    names = [(x.label or str(x.model)) for x in studies]
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ValueError(f"--only {','.join(unknown) or only}: not a run of this study; its runs: {', '.join(names)}")
+    keep = [k for k, n in enumerate(names) if n in wanted]
+    return [studies[k] for k in keep], {i: context[k] for i, k in enumerate(keep) if k in context}
 
 
 def _override(a, run: dict):

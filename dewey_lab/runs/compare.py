@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from dewey_lab.files import atomic_write
+from dewey_lab.runs.eval_results import merged_results
 from dewey_lab.runs.study_eval import endpoint, eval_file, plot, run_eval, section
 
 PER_QUERY_FILE = "passkey_last.json"  # written by callbacks.PasskeyCallback at every check, so the last one stays
@@ -206,7 +207,7 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     result = None if primary is None else endpoint_result(primary, training_rows(data, reported))
     source = f"the last training check's per-query results ({PER_QUERY_FILE}) of each variant"
     if evaluated is not None and evaluate is not False:
-        payload = run_eval(evaluated, out / "eval") if evaluate else _newest_eval(out / "eval", evaluated)
+        payload = run_eval(evaluated, out / "eval") if evaluate else merged_results(out / "eval", evaluated)
         record["eval"] = {}
         lines += section(payload, evaluated, plot(payload, out), record["eval"])
         source = f"the post-fit evaluation (`{evaluated}`)"
@@ -224,13 +225,6 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     atomic_write(out / "stats.json", json.dumps(record, indent=1, default=str) + "\n")
     return out / "report.md"
-
-
-def _newest_eval(folder: Path, config: Path) -> dict:
-    found = sorted(folder.glob("*/*.json"))
-    if not found:
-        raise FileNotFoundError(f"no results of {config} under {folder}; run make compare without --reuse-eval first")
-    return json.loads(found[-1].read_text())
 
 
 def _average(per_length: dict[int, float], lengths: list[int]) -> float:
