@@ -288,6 +288,7 @@ class RunInfo(L.Callback):
         import sys
         import time
         from datetime import datetime, timezone
+        from pathlib import Path
 
         self._t0 = time.perf_counter()
         dm = getattr(trainer, "datamodule", None)
@@ -304,6 +305,8 @@ class RunInfo(L.Callback):
         self.info = {"identity": self.identity, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "argv": sys.argv, "git": _git_revision(), "versions": _versions(self.PACKAGES), "data": data,
                      "finished": False}
+        if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():  # a resume: where from, under which limits
+            self.info["resumed_from"] = _resumed_from(trainer.ckpt_path)
         self._write(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -327,7 +330,11 @@ class RunInfo(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
 
-        self.info.update(finished=not trainer.interrupted, global_step=trainer.global_step,
+        # epochs: whole epochs trained (Lightning counts an epoch cut short by max_steps as processed), so a sweep
+        # can tell whether a raised max_epochs asks for more
+        loop = trainer.fit_loop
+        epochs = loop.epoch_progress.current.processed - (not loop.epoch_loop.batch_progress.is_last_batch)
+        self.info.update(finished=not trainer.interrupted, global_step=trainer.global_step, epochs=max(epochs, 0),
                          wall_seconds=round(time.perf_counter() - self._t0, 1))
         self.info.pop("crash", None)
         stream = getattr(getattr(trainer, "datamodule", None), "_stream_loader", None)
@@ -356,6 +363,19 @@ def _newest_checkpoint(trainer: L.Trainer):
     dirs = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
     found = [p for d in dirs if d.is_dir() for p in d.glob("*.ckpt")]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _resumed_from(path) -> dict:
+    """{"checkpoint", "step", "limits"}: the checkpoint a fit resumed and the limits its training ran under
+    (``dewey_lab.runs.identity``: a run continued past its old limit restarted its learning-rate decay)."""
+    from dewey_lab.runs.checkpoint import peek_checkpoint
+
+    try:
+        saved = peek_checkpoint(path)
+    except (OSError, RuntimeError, ValueError):  # unreadable here: Lightning's own load will say why
+        return {"checkpoint": str(path), "step": None, "limits": None}
+    return {"checkpoint": str(path), "step": saved.get("global_step"),
+            "limits": (saved.get("dewey_run") or {}).get("limits")}
 
 
 def _checkpoint_step(path) -> int | None:

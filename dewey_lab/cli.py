@@ -175,15 +175,19 @@ def fill(argv: list[str], parser_kwargs: dict) -> None:
 def run_sweep(argv: list[str], parser_kwargs: dict) -> None:
     """``dewey-lab sweep -c <study>.yaml [--force] [--print] [--sweep_index k]``: each variant as its own
     ``fit`` process (or only variant k). A variant is skipped when a finished run of the same identity
-    (resolved config + data fingerprints, ``dewey_lab.runs.identity``) is under the study's run directory,
-    and resumed from its own ``last.ckpt`` when an unfinished one left it; ``--force`` starts every
-    variant afresh."""
+    (resolved config + data fingerprints, ``dewey_lab.runs.identity``; not its step or epoch limit) is under
+    the study's run directory and trained as far as the limits ask; it is resumed from its own ``last.ckpt``
+    when an unfinished run left it, or when a finished one stopped short of a limit raised since (trained
+    longer). ``--force`` starts every variant afresh, each in its own directory: an earlier run there is moved
+    aside to ``<variant>@replaced-<time>``."""
     import shlex
 
     from dewey_lab.runs.experiments import run_root
     from dewey_lab.runs.identity import (
+        covers,
         data_fingerprints,
         finished_run,
+        read_run_info,
         run_checkpoints,
         run_identity,
         scale_of,
@@ -225,13 +229,16 @@ def run_sweep(argv: list[str], parser_kwargs: dict) -> None:
             identity = run_identity(resolved, fingerprints[data_key], scale_of(files))
             root = run_root(resolved, study)
             done = None if root is None else finished_run(root, identity)
-            if done is not None:
-                print(f"sweep: {study}/{name} finished before in {done} (identity {identity['id']}); skipped "
-                      "(--force reruns it)", file=sys.stderr)
+            info = {} if done is None else read_run_info(done)
+            if done is not None and covers(info, identity["limits"]):
+                print(f"sweep: {study}/{name} finished before in {done} at step {info.get('global_step')} (identity "
+                      f"{identity['id']}); skipped (--force reruns it)", file=sys.stderr)
                 continue
             own = None if root is None or ckpt not in (None, "last") else run_checkpoints(root, identity)[0]
             if own is not None:
-                print(f"sweep: {study}/{name} resumes from {own}", file=sys.stderr)
+                more = "" if done is None else (f" (finished at step {info.get('global_step')}; continued to "
+                                                f"{_limits_text(identity['limits'])})")
+                print(f"sweep: {study}/{name} resumes from {own}{more}", file=sys.stderr)
                 cmd += ["--ckpt_path", "last"]
         print(f"sweep: {study}/{name}", file=sys.stderr)
         if launch(cmd):
@@ -239,6 +246,11 @@ def run_sweep(argv: list[str], parser_kwargs: dict) -> None:
     if failed:
         raise RuntimeError(f"sweep {study}: {len(failed)} variant(s) failed: {', '.join(failed)}; "
                            "rerun the same command to resume them")
+
+
+def _limits_text(limits: dict) -> str:
+    """``trainer.max_steps 400`` / ``trainer.max_epochs 3`` / both: the limits a run now trains to (-1: none)."""
+    return " and ".join(f"trainer.{k} {v}" for k, v in limits.items() if v != -1) or "no limit"
 
 
 def launch(cmd: list[str]) -> int:

@@ -14,6 +14,7 @@ import yaml
 from faults import ENV, KILLABLE, TINY, loss_curve, run_fit, write_yaml
 
 from dewey_lab.cli import REPO
+from dewey_lab.data.store.maintenance import verify
 from dewey_lab.data.store.vectors import VectorStore
 from dewey_lab.distributed import balance
 
@@ -215,4 +216,4 @@ def test_two_fill_jobs_share_one_cache_without_embedding_a_text_twice(small_corp
     keys = [cache_key("logging-12", t) for t in texts]
     assert cache.missing(keys) == [] and len(cache) == len(texts)
     assert cache.get_many(keys).tolist() == vectors_of(texts).tolist()
-    assert cache.verify()["bad"] == 0
+    assert verify(cache)["bad"] == 0

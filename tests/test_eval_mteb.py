@@ -130,3 +130,62 @@ def test_task_keeps_lemb_metadata_and_errors_name_the_fix(tasks, embedder):
     with pytest.raises(RuntimeError, match="call index first"):
         MTEBMultiVectorSearch(embedder).search(None, task_metadata=task.metadata, hf_split="test",
                                                hf_subset="default", top_k=10, encode_kwargs={})
+
+
+def _pooled_by_hand(module, tokenizer, texts, prompt):
+    """Reference for mode single:mean on a student: each text alone through the student, its hidden states
+    averaged over the text's own tokens (not special, not the prompt's characters), then the student's
+    projection and L2 normalisation."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer(prompt + text, return_offsets_mapping=True, return_special_tokens_mask=True)
+            ids = torch.tensor([enc["input_ids"]])
+            hidden = module.student(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]  # (T, H)
+            keep = torch.tensor([not sp and s >= len(prompt) and e > s for sp, (s, e)
+                                 in zip(enc["special_tokens_mask"], enc["offset_mapping"])])
+            out.append(torch.nn.functional.normalize(module.projection(hidden[keep].mean(0)), dim=-1))
+    return torch.stack(out)
+
+
+def test_single_pooling_modes_pool_the_student_as_hand_pooled_means(student_ckpt):
+    """mteb's encode in mode single:mean (queries by the query path, documents by the passage path) equals the
+    mean over each text's own tokens of the student's hidden states, projected and normalised, computed here one
+    text at a time; the student's own head (cls) differs from it, single:<its own head> is single, and an unknown
+    pooling is one line naming the choices."""
+    from mteb.types import PromptType
+
+    from dewey_lab.eval.load import load_checkpoint, load_embedder
+    from dewey_lab.eval.mteb_wrapper import mteb_model
+
+    embedder = load_embedder(str(student_ckpt), device="cpu", query_prompt="query: ", passage_prompt="passage: ")
+    module = load_checkpoint(str(student_ckpt))
+    queries = ["where do cats sleep", "a much longer question about the rivers that rise in the spring rain"]
+    docs = ["cats purr on warm mats. " * 12, "the stock market fell.", "rain falls in spring and the rivers rise. " * 5]
+    model = mteb_model(embedder, "single:mean")
+    assert model.mode == "single:mean" and model.mteb_model_meta.experiment_kwargs == {"mode": "single:mean"}
+    got_q = torch.from_numpy(model.encode([{"text": queries}], prompt_type=PromptType.query))
+    got_d = torch.from_numpy(model.encode([{"text": docs[:2]}, {"text": docs[2:]}], prompt_type=PromptType.document))
+    want_q = _pooled_by_hand(module, embedder.tokenizer, queries, "query: ")
+    want_d = _pooled_by_hand(module, embedder.tokenizer, docs, "passage: ")
+    assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_d, want_d, atol=1e-5)
+    own = torch.from_numpy(mteb_model(embedder, "single").encode([{"text": docs}], prompt_type=PromptType.document))
+    assert embedder.pooling == "cls" and not torch.allclose(own, want_d, atol=1e-3)  # another head: another vector
+    same = mteb_model(embedder, "single:cls").encode([{"text": docs}], prompt_type=PromptType.document)
+    assert torch.equal(torch.from_numpy(same), own)
+    assert mteb_model(embedder, "multi:cls").mode == "multi:cls" and mteb_model(embedder, "multi").mode == "multi"
+    with pytest.raises(ValueError, match="unknown scoring mode 'mean'"):
+        mteb_model(embedder, "mean")
+    with pytest.raises(ValueError, match="cls_mean"):  # an unknown head lists the choices
+        mteb_model(embedder, "single:max")
+
+
+def test_mteb_single_pooling_mode_equals_dewey_eval(embedder, tasks, tmp_path):
+    """Mode single:cls on MiniLM (its own head is mean) through mteb's loop scores as DenseRetriever's single:cls."""
+    task = tasks["hard"]
+    (row,) = evaluate_mteb(embedder, [task], modes=["single:cls"], results_dir=tmp_path / "results")
+    scores = DenseRetriever(embedder, ["single:cls"], cache_dir=None, progress=False).score(task)["single:cls"]
+    ours = retrieval_metrics(scores, list(task.judged_queries()), list(task.corpus), task.qrels)
+    assert row["mode"] == "single:cls"
+    for metric in METRICS:
+        assert row[metric] == pytest.approx(ours[metric], abs=1e-4), metric

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from dewey_lab.eval.tasks import synthetic
+from dewey_lab.eval.tasks import placement
 from dewey_lab.eval.tasks.heldout import heldout_documents
 from dewey_lab.eval.tasks.needles import NEEDLES
 from dewey_lab.eval.tasks.synthetic import (
@@ -221,14 +221,14 @@ def test_byte_level_bpe_tokenizer(haystack):
 
 
 def test_falls_back_to_full_counts_when_local_counts_are_wrong(tokenizer, haystack, monkeypatch, caplog):
-    local = synthetic._count_local
+    local = placement._count_local
 
     def off_by_three(*args):
         return [n + 3 for n in local(*args)]
 
     # a tokenizer whose local counts are off: the whole-document check must notice and recount
-    monkeypatch.setattr(synthetic, "_count_local", off_by_three)
-    with caplog.at_level(logging.WARNING, logger="dewey_lab.eval.tasks.synthetic"):
+    monkeypatch.setattr(placement, "_count_local", off_by_three)
+    with caplog.at_level(logging.WARNING, logger="dewey_lab.eval.tasks.placement"):
         task = make_needle(tokenizer, 640, haystack=haystack, seed=3)
     assert "re-counting every document in full" in caplog.text
     lengths = token_lengths(tokenizer, task)

@@ -10,7 +10,16 @@ import yaml
 from faults import in_process
 
 from dewey_lab.cli import REPO, main
-from dewey_lab.runs.identity import describe_differences, flat_config, run_identity, version_for
+from dewey_lab.runs.identity import (
+    covers,
+    describe_differences,
+    finished_run,
+    flat_config,
+    identity_key,
+    limit_error,
+    run_identity,
+    version_for,
+)
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
 
@@ -48,7 +57,7 @@ def test_identity_leaves_out_only_bookkeeping_and_names_what_differs(tmp_path):
               "model": {"lr": 0.001, "student": {"tokenizer": None}},
               "data": {"cache": {"dir": "/c"}, "windows": {"max_length": 96}}}
     flat = flat_config(config)
-    assert flat == {"seed_everything": 0, "trainer.max_steps": 10, "model.lr": 0.001, "data.windows.max_length": 96}
+    assert flat == {"seed_everything": 0, "model.lr": 0.001, "data.windows.max_length": 96}  # no trainer.max_steps
     moved = json.loads(json.dumps(config))
     moved["trainer"]["logger"]["init_args"].update(save_dir="elsewhere", version="w")
     moved.update(ckpt_path=None, config=["b.yaml", "a.yaml"])
@@ -68,6 +77,109 @@ def test_identity_leaves_out_only_bookkeeping_and_names_what_differs(tmp_path):
     assert version_for(root, "v", a) == f"v@tiny-{a['id'][:8]}"
     assert version_for(root, "v", b) == "v"
     assert version_for(root, "w", a) == "w"
+
+
+def test_training_longer_is_the_same_run_and_ids_of_the_former_recipe_still_match(tmp_path):
+    """trainer.max_steps / max_epochs are no part of the id (recorded as ``limits``); an identity written when the
+    id hashed them (reference: that recipe, sha256 of the JSON of config + fingerprints) rehashes to today's id;
+    a finished run covers a limit it reached, and a limit below a checkpoint is one line naming the fix."""
+    import hashlib
+
+    fp = {"corpus": "JsonlCorpus:1", "teacher": "t"}
+    short = run_identity({"trainer": {"max_steps": 200, "max_epochs": 10}, "model": {"lr": 0.001}}, fp, "tiny")
+    longer = run_identity({"trainer": {"max_steps": 400, "max_epochs": 10}, "model": {"lr": 0.001}}, fp, "tiny")
+    assert short["id"] == longer["id"] and short["limits"] == {"max_steps": 200, "max_epochs": 10}
+    assert run_identity({"model": {"lr": 0.001}}, fp)["limits"] == {"max_steps": -1, "max_epochs": 1000}  # Trainer's
+    assert run_identity({"trainer": {"max_steps": 5}}, fp)["limits"] == {"max_steps": 5, "max_epochs": -1}
+
+    old_config = {"model.lr": 0.001, "trainer.max_epochs": 10, "trainer.max_steps": 200}
+    old_id = hashlib.sha256(json.dumps({"config": old_config, "fingerprints": fp}, sort_keys=True).encode()
+                            ).hexdigest()[:12]
+    old = {"id": old_id, "config": old_config, "fingerprints": fp, "scale": "tiny"}
+    assert old_id != short["id"] and identity_key(old) == short["id"] == identity_key(longer)
+    assert describe_differences(longer, old) == "nothing"  # the limits are no difference
+    root = tmp_path / "study"
+    (root / "v").mkdir(parents=True)
+    (root / "v" / "run_info.json").write_text(json.dumps({"identity": old, "finished": True, "global_step": 200}))
+    assert version_for(root, "v", longer) == "v" and finished_run(root, longer) == root / "v"
+
+    info = {"identity": short, "finished": True, "global_step": 200, "epochs": 3}
+    assert covers(info, short["limits"]) and covers(info, {"max_steps": 100, "max_epochs": 10})
+    assert not covers(info, longer["limits"])  # 400 steps asked, 200 reached: continue it
+    assert covers(info, {"max_steps": -1, "max_epochs": 3}) and not covers(info, {"max_steps": -1, "max_epochs": 4})
+    legacy = {"identity": old, "finished": True, "global_step": 200}  # no "epochs": judged by its own limits
+    assert covers(legacy, {"max_steps": 150, "max_epochs": 10}) and not covers(legacy, {"max_steps": -1,
+                                                                                        "max_epochs": 10})
+    assert limit_error(longer["limits"], 200, 3) is None and limit_error(short["limits"], 200, 3) is None
+    assert limit_error({"max_steps": 100, "max_epochs": 10}, 200, 3) == (
+        "trainer.max_steps 100 is below the checkpoint's step 200: raise it, or start a new run without --ckpt_path")
+    assert limit_error({"max_steps": -1, "max_epochs": 2}, 200, 3) == (
+        "trainer.max_epochs 2 is below the checkpoint's 3 epochs (step 200): raise it, or start a new run without "
+        "--ckpt_path")
+
+
+def test_a_sweep_continues_a_run_trained_longer_and_force_starts_a_fresh_directory(
+        tmp_path, small_corpus_path, shared_cache_dir, monkeypatch, capsys):
+    """A finished 2-step variant is skipped at 2 steps and continued in its own directory when max_steps is raised
+    to 4 (its step-2 checkpoint, same identity); a limit below the checkpoint's step is one line. ``--force``
+    moves the run aside and starts afresh in the variant's directory, so no directory holds two runs' events,
+    and make compare reports the newest finished run of the identity."""
+    import dewey_lab.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dewey_lab.cli, "launch", in_process)
+    study = tmp_path / "mini_study.yaml"
+    study.write_text("sweep:\n  model.student.global_rope_theta: [1000.0]\n")
+    scale = _scale(tmp_path / "a.yaml", small_corpus_path, shared_cache_dir, max_steps=2, max_epochs=20)
+    sweep = ["sweep", "-c", TINY, "-c", scale, "-c", str(study)]
+    root = tmp_path / "runs" / "mini_study"
+    run = root / "global_rope_theta=1000.0"
+
+    def events(run_dir):
+        return sorted(p.name for p in run_dir.glob("events.out.tfevents*"))
+
+    main(sweep)
+    first = _info(run)
+    assert first["finished"] and first["global_step"] == 2 and first["identity"]["limits"]["max_steps"] == 2
+    assert len(events(run)) == 1
+    main(sweep)
+    assert "skipped" in capsys.readouterr().err  # the same limit: nothing to do
+
+    main([*sweep, "--trainer.max_steps=4"])
+    err = capsys.readouterr().err
+    assert "skipped" not in err and "continued to trainer.max_steps 4" in err, err
+    longer = _info(run)
+    assert longer["finished"] and longer["global_step"] == 4 and longer["identity"]["id"] == first["identity"]["id"]
+    assert longer["resumed_from"]["step"] == 2 and longer["resumed_from"]["limits"]["max_steps"] == 2
+    assert sorted(p.name for p in root.iterdir()) == [run.name] and len(events(run)) == 2  # its curve continued
+    main([*sweep, "--trainer.max_steps=4"])
+    assert "skipped" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", TINY, "-c", scale, "-c", str(study), "--trainer.max_steps=3", "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.max_steps 3 is below checkpoint ")
+    assert lines[0].endswith("step 4: raise it, or start a new run without --ckpt_path"), lines[0]
+
+    from dewey_lab.runs.compare import compare
+
+    def report():
+        return compare("mini_study", runs_dir=str(root.parent), out_dir=str(tmp_path / "results"),
+                       study_file=str(study)).read_text()
+
+    assert f"Trained longer: {run.name} (from step 2; max_steps 2 -> 4)" in report()
+
+    old_events = events(run)
+    main([*sweep, "--trainer.max_steps=4", "--force"])
+    moved = [p for p in root.iterdir() if p.name != run.name]
+    assert len(moved) == 1 and moved[0].name.startswith(f"{run.name}@replaced-"), moved
+    assert events(moved[0]) == old_events and len(events(run)) == 1  # one run's events per directory
+    fresh = _info(run)
+    assert fresh["finished"] and fresh["global_step"] == 4 and "resumed_from" not in fresh
+    assert fresh["identity"]["id"] == first["identity"]["id"] and fresh["started"] >= longer["started"]
+    rows = [line for line in report().splitlines() if line.startswith("| global_rope_theta=")]
+    assert len(rows) == 1 and rows[0].startswith(f"| {run.name} |") and rows[0].endswith("| 2 |")  # newest of two
 
 
 @pytest.mark.parametrize("save_dir", [None, "elsewhere"])

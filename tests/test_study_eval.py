@@ -160,6 +160,7 @@ def test_every_study_declares_an_endpoint_on_its_own_runs():
     it has: the eval study's labels where it names one, else its sweep's variant names."""
     import yaml
 
+    from dewey_lab.runs.seeds import seed_of
     from dewey_lab.runs.sweep import sweep_block, variants
 
     studies = [p for p in sorted((REPO / "experiments").glob("*.yaml"))
@@ -171,6 +172,7 @@ def test_every_study_declares_an_endpoint_on_its_own_runs():
         evaluated = eval_file(path)
         names = ({r.get("label") or r["model"] for r in yaml.safe_load((REPO / evaluated).read_text())["runs"]}
                  if evaluated else {name for name, _ in variants(sweep_block([str(path)]))})
+        names |= {seed_of(n)[0] for n in names}  # a variant run with seeds is named without its seed part
         assert {ep.a, ep.b} <= names, f"{path.name}: {ep} names runs it does not have ({sorted(names)})"
     assert str(endpoint(REPO / "experiments" / "chunk_alignment_ablation.yaml")) == \
         "semantic/concat multi ndcg@10, both vs whole_only"
@@ -295,3 +297,60 @@ def test_baselines_and_references_are_shown_not_tested():
     assert rows[2]["vs_ref"]["diff"] == pytest.approx(0.5)  # b - a over the same four queries
     assert stats["holm"]["m"] == 1
     assert set(stats["summary_ci"]) == {"teacher: single", "a: single", "b: single", "bow: single"}
+
+
+def test_pairwise_differences_between_variants_against_a_hand_computation(tmp_path):
+    """Variants x and y (y run with two seeds) under the study's run folder and a start outside it, on four queries
+    (one cluster each) of passkey@256 and deep/pydoc. By hand: y's seed average [1, 1, .5, 0]; the mean differences;
+    the sign-flip p by enumerating the 2^4 sign patterns (the test enumerates them too: 16 <= its resamples); Holm
+    over the six cells. Teacher, BM25 and the untrained control are no variants; a cell of identical scores has
+    the interval [d, d]."""
+    from dewey_lab.runs.pairwise import pairwise
+
+    root = tmp_path / "runs" / "study"
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "run_info.json").write_text("{}")  # a run directory: a trained student
+    scores = {"x": ([1, 0, 1, 0], [1, 1, 1, 1]), "y/seed=0": ([1, 1, 1, 0], [0, 0, 0, 0]),
+              "y/seed=1": ([1, 1, 0, 0], [0, 0, 0, 0]), "start": ([0, 0, 0, 0], [0, 0, 0, 0]),
+              "untrained": ([1, 1, 1, 1], [1, 1, 1, 1]), "teacher": ([1, 1, 1, 1], [1, 1, 1, 1])}
+    rows = [{**_row(m, "single", "passkey", 256, p), "extension": "none"} for m, (p, _) in scores.items()]
+    rows += [_row(m, "single", "deep/pydoc", None, d, "ndcg@10") for m, (_, d) in scores.items()]
+    for r in rows:
+        if r["model"] == "teacher":
+            r["context"] = "reference"
+    rows += [{**_row("BM25", "bm25", "passkey", 256, [1, 1, 1, 1]), "context": "baseline"}]
+    runs = [{"model": str(root / "x"), "label": "x"}, {"model": str(root / "y0"), "label": "y/seed=0"},
+            {"model": str(root / "y1"), "label": "y/seed=1"}, {"model": str(tmp_path / "start"), "label": "start"},
+            {"model": f"untrained:{root / 'x'}", "label": "untrained"}, {"model": "pkg://m", "label": "teacher"},
+            {"model": "bm25", "label": "BM25"}]
+    payload = {"rows": rows, "summary": {}, "settings": {"runs": runs}}
+
+    result = pairwise(payload, study_root=root)
+    assert result["variants"] == ["x", "y"] and result["others"] == ["start"]
+    assert result["pairs"] == [("y", "x"), ("x", "start"), ("y", "start")]
+    got = {(c["a"], c["b"], c["task"]): c for c in result["cells"]}
+    # (diff, raw p, Holm-adjusted p); raw p sorted .125, .125, .25, .5, 1, 1 -> 6 x .125, 5 x .125, 4 x .25, ...
+    expect = {("y", "x", "passkey"): (0.125, 1.0, 1.0),  # d = [0, 1, -.5, 0]: every flip is as extreme
+              ("y", "x", "deep/pydoc"): (-1.0, 0.125, 0.75),  # d = -1 everywhere: only all-same signs
+              ("x", "start", "passkey"): (0.5, 0.5, 1.0),  # d = [1, 0, 1, 0]: the two nonzero signs agree
+              ("x", "start", "deep/pydoc"): (1.0, 0.125, 0.75),
+              ("y", "start", "passkey"): (0.625, 0.25, 1.0),  # d = [1, 1, .5, 0]: three nonzero signs agree
+              ("y", "start", "deep/pydoc"): (0.0, 1.0, 1.0)}
+    assert set(got) == set(expect) and result["m"] == 6
+    for key, (diff, p, p_holm) in expect.items():
+        c = got[key]
+        assert (c["diff"], c["p"], c["p_holm"]) == pytest.approx((diff, p, p_holm)), key
+        assert c["lo"] <= c["diff"] <= c["hi"] and c["mode"] == "single"
+    assert got[("y", "x", "passkey")]["seeds_a"] == [0, 1] and got[("y", "x", "passkey")]["seeds_b"] == []
+    assert (got[("y", "x", "deep/pydoc")]["lo"], got[("y", "x", "deep/pydoc")]["hi"]) == (-1.0, -1.0)
+    assert -0.5 <= got[("y", "x", "passkey")]["lo"] and got[("y", "x", "passkey")]["hi"] <= 1.0  # within d's range
+
+    record = {}
+    lines = section(payload, Path("e.yaml"), [], record, study_root=root)
+    caption = next(ln for ln in lines if ln.startswith("Pairwise differences"))
+    assert "m = 6" in caption and "each against start" in caption
+    assert "| y − x | single | +12.50 [" in "\n".join(lines)
+    row = next(ln for ln in lines if ln.startswith("| y − x | single |"))
+    assert row.endswith("p = 1 | -100.00 [-100.00, -100.00] p = 0.75 |")
+    assert not any(ln.startswith(("| untrained", "| teacher", "| BM25 −")) for ln in lines if " − " in ln)
+    assert record["pairwise"]["m"] == 6

@@ -29,6 +29,10 @@ an extension method; ``Item.truncated`` marks them so reports can say so. Batche
 to a token budget, longest first, so a 32k-token passage runs alone and short ones share a pass;
 ModernBERT batches longer than 2048 tokens use ``dewey_lab.model.attention``'s blocked sliding-window
 SDPA, so memory grows linearly with length where flash-attn is absent.
+
+Length: one class, one concept: every view (single, extra heads, late chunks, PCW windows) comes from the same
+tokenisation, batch layout and forward pass, and splitting those apart would hand private batch state between
+modules; the pure helpers (``chunk_windows``, ``window_of``, ``check_length``) are the few lines outside it.
 """
 
 from __future__ import annotations

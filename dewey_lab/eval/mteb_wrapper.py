@@ -6,11 +6,13 @@ scores as mteb does, and lets a checkpoint be evaluated like any mteb model.
 
 * ``MTEBEncoder``: mteb's ``EncoderProtocol`` (``encode`` / ``similarity`` / ``similarity_pairwise`` /
   ``mteb_model_meta``) over an Embedder's single vectors. Queries take the query path (query prompt),
-  documents the passage path; mteb wraps it in its ``SearchEncoderWrapper`` for retrieval.
+  documents the passage path; mteb wraps it in its ``SearchEncoderWrapper`` for retrieval. ``pooling``
+  (mode ``single:<pooling>``, as ``dewey-lab eval --mode`` takes it): queries and passages pooled by that
+  whole-text head from the same forward pass (``Embedder.extra_head``'s rules), as ``DenseRetriever`` does.
 * ``MTEBMultiVectorSearch``: mteb's ``SearchProtocol`` (``index`` / ``search``). ``index`` embeds every
   passage once as late chunks; a passage scores as its best chunk (max over chunks of query . chunk),
-  queries pooled by ``query_pooling`` (default: as the chunks are, their mean), exactly as
-  ``DenseRetriever``'s multi mode. Top-k is cut in trec_eval's order (score, then larger id).
+  queries pooled by ``query_pooling`` (default: as the chunks are, their mean; mode ``multi:<pooling>``),
+  exactly as ``DenseRetriever``'s multi mode. Top-k is cut in trec_eval's order (score, then larger id).
 * ``mteb_task``: the LEMB task's own class and metadata (name, split names, main score) whose
   ``load_data`` reads our ``RetrievalTask`` s instead of the hub, so local stand-ins run offline.
 * ``evaluate_mteb``: ``mteb.evaluate`` on those, rows keyed like ``dewey_lab.eval.run.evaluate``'s.
@@ -33,11 +35,11 @@ from torch import Tensor
 
 from dewey_lab.eval.embedder import QUERY_AS_CHUNK, Embedder
 from dewey_lab.eval.metrics import METRICS, trec_order
-from dewey_lab.eval.retrieval import best_chunk
+from dewey_lab.eval.retrieval import best_chunk, check_modes
 from dewey_lab.eval.tasks.longembed import MTEB_NAMES
 from dewey_lab.eval.tasks.task import RetrievalTask
 
-MODES = ("single", "multi")
+MODES = ("single", "multi")  # and single:<pooling>, multi:<query pooling> (``retrieval.check_modes``)
 LOWEST = float(torch.finfo(torch.float32).min)  # a passage with no chunk: last, but finite (JSON, pytrec_eval)
 
 
@@ -55,18 +57,25 @@ def _texts(loader: Iterable[dict]) -> list[str]:
 
 
 class MTEBEncoder:
-    """mteb ``EncoderProtocol`` over an Embedder's single vectors (mode ``single``).
+    """mteb ``EncoderProtocol`` over an Embedder's single vectors (mode ``single``, or ``single:<pooling>``).
 
     Args:
         embedder: pooling, prompts, window and chunking as ``dewey-lab eval`` would use them.
         name: model name in mteb's results (``org/name``); default ``dewey-lab/<embedder.name>``.
+        pooling: another whole-text head (a ``PoolingHead.choices()`` name) that pools queries and passages
+            from the same forward pass (mode ``single:<pooling>``); None: the embedder's own head.
     """
 
     mode = "single"
 
-    def __init__(self, embedder: Embedder, name: str | None = None) -> None:
+    def __init__(self, embedder: Embedder, name: str | None = None, pooling: str | None = None) -> None:
         self.embedder = embedder
         self.name = name or (embedder.name if "/" in embedder.name else f"dewey-lab/{embedder.name}")
+        self._head = None  # None: the embedder's own head (its single vectors)
+        if pooling is not None:
+            self.mode = f"single:{pooling}"
+            head = embedder.extra_head(pooling, where="mode single:<pooling>")  # one-line error listing the choices
+            self._head = None if head is embedder.whole_head else head
 
     @property
     def mteb_model_meta(self):
@@ -81,7 +90,7 @@ class MTEBEncoder:
             "name": self.name, "revision": revision, "max_tokens": e.max_length, "framework": ["PyTorch"],
             "similarity_fn_name": ScoringFunction.COSINE if e.normalize else ScoringFunction.DOT_PRODUCT,
             "use_instructions": bool(e.query_prompt or e.passage_prompt), "experiment_kwargs": {"mode": self.mode},
-            "model_type": ["dense"] if self.mode == "single" else ["late-interaction"]})
+            "model_type": ["dense"] if self.mode.startswith("single") else ["late-interaction"]})
 
     def encode(self, inputs, *, task_metadata=None, hf_split: str = "", hf_subset: str = "",
                prompt_type=None, **kwargs: Any) -> np.ndarray:
@@ -91,10 +100,12 @@ class MTEBEncoder:
         ``dewey-lab eval``, so a vector does not depend on which harness computed it.
         """
         texts = _texts(inputs)
+        extra = None if self._head is None else {"pooled": self._head}  # single:<pooling>: that head, same pass
         if prompt_type == "query":  # PromptType is a str enum
-            vecs = self.embedder.encode_queries(texts)
+            enc = self.embedder.embed_queries(texts, extra=extra)
         else:
-            vecs = self.embedder.encode_passages(texts, chunks=False).single
+            enc = self.embedder.encode_passages(texts, chunks=False, extra=extra)
+        vecs = enc.single if extra is None else enc.extra["pooled"]
         return vecs.float().numpy()
 
     def similarity(self, embeddings1, embeddings2) -> Tensor:
@@ -120,6 +131,7 @@ class MTEBMultiVectorSearch(MTEBEncoder):
 
     def __init__(self, embedder: Embedder, name: str | None = None, query_pooling: str = QUERY_AS_CHUNK) -> None:
         super().__init__(embedder, name)
+        self.mode = "multi" if query_pooling == QUERY_AS_CHUNK else f"multi:{query_pooling}"
         self._query_head = embedder.query_head(query_pooling)  # DenseRetriever's rule for mode multi
         self._ids: list[str] = []
         self._chunks: Tensor | None = None
@@ -202,25 +214,34 @@ def mteb_task(tasks: RetrievalTask | Sequence[RetrievalTask]):
     return LocalLEMBTask().filter_eval_splits(list(splits))
 
 
+def mteb_model(embedder: Embedder, mode: str) -> MTEBEncoder:
+    """The wrapper for one ``dewey-lab eval`` scoring mode: ``single``, ``single:<pooling>``, ``multi`` or
+    ``multi:<query pooling>`` (``multi:chunk`` is ``multi``)."""
+    (mode,) = check_modes([mode])
+    kind, _, pooling = mode.partition(":")
+    if kind == "single":
+        return MTEBEncoder(embedder, pooling=pooling or None)
+    return MTEBMultiVectorSearch(embedder, query_pooling=pooling or QUERY_AS_CHUNK)
+
+
 def evaluate_mteb(embedder: Embedder, tasks: Sequence[RetrievalTask], modes: Sequence[str] = ("single",),
                   results_dir: str | Path | None = None, prediction_dir: str | Path | None = None) -> list[dict]:
     """Run ``tasks`` through ``mteb.evaluate``; one row per (task, length, mode), metric names as ours.
 
     Args:
-        modes: ``single`` (MTEBEncoder) and / or ``multi`` (MTEBMultiVectorSearch).
+        modes: as ``dewey-lab eval --mode`` names them: ``single`` and ``single:<pooling>`` (MTEBEncoder),
+            ``multi`` and ``multi:<query pooling>`` (MTEBMultiVectorSearch); each row keeps the mode as given.
         results_dir: mteb's result cache (``ResultCache``); None writes none and always recomputes.
         prediction_dir: where mteb saves each run's per-query scores (``<dir>/<mode>/<task>_predictions.json``).
     """
     mteb = _mteb()
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise ValueError(f"unknown scoring mode {bad[0] if bad else ''!r}; use single and / or multi")
+    modes = check_modes(modes)  # one line listing the choices for an unknown mode
+    models = {mode: mteb_model(embedder, mode) for mode in modes}  # every head checked before the first pass
     groups: dict[str, list[RetrievalTask]] = {}
     for t in tasks:
         groups.setdefault(t.name, []).append(t)
     rows = []
-    for mode in modes:
-        model = (MTEBEncoder if mode == "single" else MTEBMultiVectorSearch)(embedder)
+    for mode, model in models.items():
         for name, group in groups.items():
             result = mteb.evaluate(
                 model, mteb_task(group), cache=mteb.ResultCache(results_dir) if results_dir else None,

@@ -10,8 +10,10 @@ table of their own, never in the same rows. Where a run kept its last check's pe
 interval (one cluster per query unless the file gives ``clusters``) and ``*`` marks a variant that differs from
 the first one at Holm-adjusted p < 0.05 (paired cluster sign-flip test over the same queries; the family: every
 test of that table); ``<task> avg, step 0`` is the score where the run started (the callback's check at step 0).
-Variants that differ only in their seed get a seeds table (``dewey_lab.runs.seeds``). A study whose file
-names a post-fit evaluation (``# eval: <file>``) gets it run and reported too (``dewey_lab.runs.study_eval``).
+Variants that differ only in their seed get a seeds table (``dewey_lab.runs.seeds``); a run continued under a
+raised step or epoch limit is named below its table (its learning-rate decay restarted). A study whose file
+names a post-fit evaluation (``# eval: <file>``) gets it run and reported too (``dewey_lab.runs.study_eval``),
+with every pair of its variants, and each against the start, paired (``dewey_lab.runs.pairwise``).
 The report opens with the study's primary endpoint (its ``# endpoint:`` line, ``dewey_lab.runs.endpoint``),
 scored on the post-fit evaluation where the study has one, else on the training checks' per-query results;
 ``results/<study>/stats.json`` keeps the numbers behind every interval and mark (raw p beside ``p_holm``).
@@ -135,6 +137,7 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     whose file names an eval study (``# eval:``, ``dewey_lab.runs.study_eval``) gets its results too: run now
     (``evaluate`` True), read from its newest results (None), or left out (False)."""
     from dewey_lab.runs.endpoint import endpoint_lines, endpoint_result
+    from dewey_lab.runs.identity import identity_key
     from dewey_lab.runs.seeds import seed_lines, seed_summary
 
     root = Path(runs_dir) / study
@@ -144,12 +147,12 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     study_path = Path(study_file) if study_file else Path("experiments") / f"{study}.yaml"
     primary = endpoint(study_path)  # a malformed line stops here, before any work
     order = _variant_order(study_path)
-    data = {r.name: read_run(r) for r in runs}
+    data = {r.name: {**read_run(r), "written": _written(r)} for r in runs}
     groups: dict[str, dict[str, list[str]]] = {}  # scale -> identity -> run directory names
     for name, d in data.items():
         identity = d["info"].get("identity") or {}
         scale = identity.get("scale", "unrecorded")
-        groups.setdefault(scale, {}).setdefault(identity.get("id") or f"dir:{name}", []).append(name)
+        groups.setdefault(scale, {}).setdefault(identity_key(identity) or f"dir:{name}", []).append(name)
     lengths = sorted({n for d in data.values() for t in synthetic_at_last_check(d["scalars"]).values() for n in t})
     tasks = [t for t in ("passkey", "needle") if any(t in synthetic_at_last_check(d["scalars"]) for d in data.values())]
     head = ["variant", *COLUMNS, *(f"{t}@{n}" for t in tasks for n in lengths), *(f"{t} avg" for t in tasks),
@@ -198,6 +201,7 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
                       str(info.get("finished", "")), "" if ident.startswith("dir:") else ident, str(len(names))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _continued_lines({name: data[name]["info"] for name in names_in_order})
         seeds = seed_summary(training_rows(data, names_in_order))
         record["training_seeds"][scale] = seeds
         lines += seed_lines(seeds, "the last training check's queries")
@@ -209,7 +213,7 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     if evaluated is not None and evaluate is not False:
         payload = run_eval(evaluated, out / "eval") if evaluate else merged_results(out / "eval", evaluated)
         record["eval"] = {}
-        lines += section(payload, evaluated, plot(payload, out), record["eval"])
+        lines += section(payload, evaluated, plot(payload, out), record["eval"], study_root=root)
         source = f"the post-fit evaluation (`{evaluated}`)"
         result = None if primary is None else endpoint_result(primary, payload["rows"])
     elif evaluated is not None and primary is not None:
@@ -225,6 +229,23 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     atomic_write(out / "stats.json", json.dumps(record, indent=1, default=str) + "\n")
     return out / "report.md"
+
+
+def _continued_lines(infos: dict[str, dict]) -> list[str]:
+    """A note for each run resumed from a checkpoint trained under other step / epoch limits (trained longer):
+    its learning rate decays to 0 over the new total, so its decay restarted where that total puts it."""
+    found = []
+    for name, info in infos.items():
+        was = (info.get("resumed_from") or {}).get("limits")
+        now = (info.get("identity") or {}).get("limits")
+        if was and now and was != now:
+            limits = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in now if was.get(k) != now[k])
+            found.append(f"{name} (from step {info['resumed_from'].get('step')}; {limits})")
+    if not found:
+        return []
+    return [(f"Trained longer: {'; '.join(found)}. Each was continued from its own checkpoint under a raised limit; "
+             "its learning rate decays linearly to 0 over the new total, so the decay restarted where that total "
+             "puts it: not the same schedule as a run started with the new limit."), ""]
 
 
 def _average(per_length: dict[int, float], lengths: list[int]) -> float:
@@ -245,12 +266,19 @@ def _with_interval(value: float, stat: dict | None) -> str:
 
 
 def _representative(names: list[str], data: dict) -> str:
-    """Of run directories of one identity: the newest finished one, else the newest."""
+    """Of run directories of one identity: the newest finished one, else the newest (latest ``started``, then
+    the latest ``run_info.json`` write: a rerun started within the same second as the run it replaced)."""
     def key(name: str):
         info = data[name]["info"]
-        return (bool(info.get("finished")), info.get("started", ""), name)
+        return (bool(info.get("finished")), info.get("started", ""), data[name].get("written", 0), name)
 
     return max(names, key=key)
+
+
+def _written(run_dir: Path) -> int:
+    """When a run directory's ``run_info.json`` was last written (ns; 0 without one)."""
+    info = run_dir / "run_info.json"
+    return info.stat().st_mtime_ns if info.is_file() else 0
 
 
 def _variant_order(study_file: Path) -> list[str]:

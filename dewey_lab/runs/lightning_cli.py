@@ -9,6 +9,7 @@ model): ``dewey_lab.cli`` stays cheap for ``--help``, ``eval``, ``export`` and `
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -59,17 +60,37 @@ class DeweyCLI(LightningCLI):
         root = run_root(resolved, experiment)
         ckpt = config.get("ckpt_path")
         if ckpt == "last":
-            config["ckpt_path"] = self._resume(root, init)
+            config["ckpt_path"] = ckpt = self._resume(root, init)
         elif ckpt:
             self._check_checkpoint(ckpt)
-        elif root is not None and isinstance(init.get("version"), str):  # a sweep variant's named directory
-            from dewey_lab.runs.identity import version_for
+        if ckpt and Path(ckpt).is_file():  # never resume a run into a limit it has passed
+            from dewey_lab.runs.identity import checkpoint_progress, limit_error
 
-            version = version_for(root, init["version"], self.identity)
-            if version != init["version"]:
-                print(f"run: {root / init['version']} holds another run; this one logs to {root / version}",
-                      file=sys.stderr)
-                init["version"] = version
+            error = limit_error(self.identity["limits"], *checkpoint_progress(ckpt), what=f"checkpoint {ckpt}")
+            if error:
+                raise ValueError(error)
+        elif not ckpt and root is not None and isinstance(init.get("version"), str):  # a variant's named directory
+            self._fresh_directory(root, init)
+
+    def _fresh_directory(self, root: Path, logger_args) -> None:
+        """A fresh start of a sweep variant: its directory (``version_for``), with a run of this identity already
+        there moved aside (``set_aside``: ``sweep --force``, or a start after a kill before the first checkpoint),
+        so TensorBoard never reads two runs' events as one. Only the launching process moves anything: the
+        processes Lightning starts for the other ranks (and other nodes) find the directory rank 0 is writing."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from dewey_lab.runs.identity import set_aside, version_for
+
+        version = version_for(root, logger_args["version"], self.identity)
+        if version != logger_args["version"]:
+            print(f"run: {root / logger_args['version']} holds another run; this one logs to {root / version}",
+                  file=sys.stderr)
+            logger_args["version"] = version
+        if getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("NODE_RANK", "0") == "0":
+            moved = set_aside(root / version)
+            if moved is not None:
+                print(f"run: {root / version} held an earlier run of this identity, moved to {moved}; this run "
+                      "starts afresh there", file=sys.stderr)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """Every Trainer writes through SafeCheckpointIO (atomic, finite checkpoints) unless the config names
@@ -114,14 +135,14 @@ class DeweyCLI(LightningCLI):
 
     def _check_checkpoint(self, ckpt: str) -> None:
         """An explicit checkpoint path is resumed as asked; if it is of another run, say how it differs."""
-        from dewey_lab.runs.identity import checkpoint_identity, describe_differences
+        from dewey_lab.runs.identity import checkpoint_identity, describe_differences, identity_key
 
         if ckpt in ("best", "hpc", "registry"):  # Lightning's own lookups
             return
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt} does not exist; give a .ckpt file or 'last'")
         theirs = checkpoint_identity(ckpt)
-        if theirs is None or theirs["id"] != self.identity["id"]:
+        if identity_key(theirs) != identity_key(self.identity):
             print(f"resume: {ckpt} is of another run (it differs in {describe_differences(self.identity, theirs)}); "
                   "resuming it as asked", file=sys.stderr)
 

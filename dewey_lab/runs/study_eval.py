@@ -9,6 +9,8 @@ cached: a rerun, or a run after a kill, resumes) and adds to ``results/<study>/r
 * one row per run and scoring mode: Acc@1 of each synthetic task per length and over lengths, nDCG@10
   of each real-text task, each with its 95% bootstrap interval, ``*`` where it differs from the
   reference row (the first run's row of the same mode; paired sign-flip test over the same queries);
+* every pair of the study's variants, and each against the start (``dewey_lab.runs.pairwise``): paired
+  differences with intervals and Holm-adjusted p over that table's cells;
 * within each run, multi-vector against single-vector (paired, same queries): the paper's comparison;
 * a seeds table where runs differ only in their seed (below);
 * ``eval-<task>.png``: Acc@1 against length, one panel per scoring mode, trained runs with error bars,
@@ -21,8 +23,9 @@ means. Every paired test is a two-sided cluster sign-flip test (a document's sum
 Every ``*`` is Holm-adjusted (``stats.holm``) over its table's family, stated in the caption, the raw p kept in the
 JSON beside ``p_holm``: the post-fit table's family is every test against the reference in the evaluation (each
 other run x mode x task x length, and each average over lengths: ``report.holm_family``); the multi - single
-table's family is its cells (run x single-vector mode x task); ``make compare``'s training table's family is its
-cells (each other variant x task x length and average, per scale).
+table's family is its cells (run x single-vector mode x task); the pairwise table's family is its cells (pair x
+mode x task); ``make compare``'s training table's family is its cells (each other variant x task x length and
+average, per scale).
 
 Primary endpoint. A study file (one with a ``sweep:`` or a ``# eval:`` line) declares, in its opening comment, the
 one comparison it was run to make, in one line::
@@ -148,9 +151,13 @@ def references(payload: dict) -> set[str]:
     return {r.get("label") or r["model"] for r in runs if not is_student(str(r.get("model", "")))}
 
 
-def section(payload: dict, config: Path, plots: list[str], record: dict | None = None) -> list[str]:
-    """Markdown lines: the table of every run and mode, then multi- against single-vector within each run, then
-    the seeds table; ``record`` (a dict) receives the multi - single tests and the seed summary for the JSON."""
+def section(payload: dict, config: Path, plots: list[str], record: dict | None = None,
+            study_root: Path | None = None) -> list[str]:
+    """Markdown lines: the table of every run and mode, then every pair of the study's variants
+    (``dewey_lab.runs.pairwise``; ``study_root``: the study's run folder, which says which runs are its variants),
+    then multi- against single-vector within each run, then the seeds table; ``record`` (a dict) receives the
+    pairwise and multi - single tests and the seed summary for the JSON."""
+    from dewey_lab.runs.pairwise import pairwise, pairwise_lines
     from dewey_lab.runs.seeds import seed_lines, seed_summary
 
     rows = payload["rows"]
@@ -186,6 +193,8 @@ def section(payload: dict, config: Path, plots: list[str], record: dict | None =
     lines += pooling_lines(rows)
     if lex:
         lines += [LEXICAL_CAPTION, ""]
+    between = pairwise(payload, study_root)
+    lines += pairwise_lines(between)
     pairs = multi_vs_single(rows)
     if pairs:
         tasks = list(dict.fromkeys(t for p in pairs for t in p["tasks"]))
@@ -206,7 +215,7 @@ def section(payload: dict, config: Path, plots: list[str], record: dict | None =
     seeds = seed_summary(rows)
     lines += seed_lines(seeds, "the post-fit evaluation's queries")
     if record is not None:
-        record.update(multi_vs_single=pairs, seeds=seeds)
+        record.update(pairwise=between, multi_vs_single=pairs, seeds=seeds)
     if plots:
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in plots) + " (Acc@1 against length per scoring mode; "
                   "95% intervals as error bars; the reference models dashed).", ""]

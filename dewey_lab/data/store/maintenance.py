@@ -1,15 +1,14 @@
-"""Looking after a vector store: verify (and repair), gc, merge, and the import of the former layout.
+"""Looking after a vector store: verify (and repair), gc and merge.
 
-``dewey-lab cache verify|gc|merge DIR`` (``cli.py``) calls these; ``VectorStore`` opens a store of
-the former one-table layout (``embeddings.sqlite``) through ``import_legacy``. Each works block by
-block over the index in key order (``_scan``), so memory holds one block whatever the store's size,
+``dewey-lab cache verify|gc|merge DIR`` (``cli.py``) calls these, and code that checks a store calls
+``verify(store)``. This module builds on the store (``vectors.VectorStore``, its lock and private readers);
+the store never imports it, so the two make no import circle (``tests/test_layout.py``). Each works block
+by block over the index in key order (``_scan``), so memory holds one block whatever the store's size,
 and writes shard bytes only through ``shards.ShardWriter``, as ``put_many`` does.
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
 import zlib
 from collections.abc import Iterator
@@ -19,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dewey_lab.data.store.index import INDEX_NAME, LEGACY_NAME, write_txn
+from dewey_lab.data.store.index import write_txn
 from dewey_lab.data.store.shards import SHARD_RE, ShardGone, ShardWriter, fsync_dir
 
-if TYPE_CHECKING:  # the store builds on this module, not the other way round
+if TYPE_CHECKING:  # this module builds on the store; the store never imports it
     from dewey_lab.data.store.vectors import VectorStore
 
-_SCAN_CHUNK = 65536  # index rows per step of verify / gc / the legacy import
+_SCAN_CHUNK = 65536  # index rows per step of verify / gc
 
 
 def verify(store: VectorStore, repair: bool = False) -> dict:
@@ -158,37 +157,6 @@ def merge(store: VectorStore, other: VectorStore, block: int = 8192) -> dict:
             store.put_many(new, other.get_many(new))
             copied += len(new)
     return {"source_vectors": seen, "copied": copied, "already_here": seen - copied, "vectors": len(store)}
-
-
-def import_legacy(store: VectorStore, legacy: Path) -> None:
-    """Import the former one-table store (``embeddings.sqlite``: key, vec BLOB) block by block
-    (resumable: keys already imported are skipped), then rename it ``embeddings.sqlite.migrated``."""
-    with store._locked(exclusive=True):
-        if not legacy.exists():  # another process imported it while we waited
-            return
-        src = sqlite3.connect(legacy, timeout=60.0)
-        try:
-            meta = dict(src.execute("SELECT name, value FROM meta"))
-            old = meta.get("dtype", "float32")
-            ours = store._meta("dtype")
-            if ours is None:
-                store.conn.execute("INSERT OR IGNORE INTO meta VALUES ('dtype', ?)", (old,))
-            elif ours != old:
-                raise ValueError(f"teacher cache {store.dir}: {LEGACY_NAME} stores {old} but {INDEX_NAME} holds "
-                                 f"{ours}; move one of them to another data.cache.dir")
-            store._set_dtype(old)
-            last = b""
-            while True:
-                rows = src.execute("SELECT key, vec FROM vectors WHERE key > ? ORDER BY key LIMIT ?",
-                                   (last, _SCAN_CHUNK // 16)).fetchall()
-                if not rows:
-                    break
-                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=store._np_dtype).reshape(len(rows), -1)
-                store._append([r[0] for r in rows], vecs)  # not put_many: we hold the lock exclusively
-                last = rows[-1][0]
-        finally:
-            src.close()
-        os.replace(legacy, legacy.with_name(LEGACY_NAME + ".migrated"))
 
 
 def _scan(store: VectorStore, step: int = _SCAN_CHUNK) -> Iterator[list[tuple[bytes, int, int, int]]]:

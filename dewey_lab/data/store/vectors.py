@@ -10,8 +10,8 @@ teacher, shares its teacher work: a theta ablation costs zero teacher time after
 
 This module is the store: open, ``missing``, ``get_many``, ``put_many``, ``stats``. Its SQLite index
 is opened by ``index.py``; its shard files are written only by ``shards.ShardWriter`` (``put_many``
-here, ``gc`` there). Looking after a store (verify, gc, merge, the import of the former layout) is
-``maintenance.py``; ``dewey-lab cache`` is ``cli.py``.
+here, ``gc`` there). Looking after a store (verify, gc, merge) is ``maintenance.py``, which builds on this
+module (never the reverse); the former layout is read by ``legacy.py``; ``dewey-lab cache`` is ``cli.py``.
 
 Layout of ``cache_dir``::
 
@@ -44,8 +44,8 @@ process indexed meanwhile keeps that process's row, ours is just unreferenced) a
 ``shards.rows``. The data is durable before the index names it, so a kill at any point leaves the
 old or the new committed state; bytes past ``rows`` are never read and are truncated by the
 owner's next write, or on open / by ``gc`` when no put is in flight. ``crc`` is ``zlib.crc32`` of
-a row's stored bytes: ``verify`` recomputes it, ``verify(repair=True)`` drops bad entries so the
-next fill recomputes them, ``gc`` compacts away unreferenced rows (``maintenance.py``, ``dewey-lab cache ...``).
+a row's stored bytes: ``maintenance.verify`` recomputes it, ``verify(store, repair=True)`` drops bad entries so
+the next fill recomputes them, ``gc`` compacts away unreferenced rows (``maintenance.py``, ``dewey-lab cache ...``).
 
 On-disk size per million vectors: D * itemsize bytes of shard data plus the index, measured at
 54 bytes per vector (53.7 on stores of 200k and of 1M vectors, ``benchmarks/cache_throughput.py``;
@@ -63,7 +63,10 @@ random 32-byte keys leave B-tree pages partly empty). The paper's 1e8 x 4096 fp1
 A directory that cannot be written (a shared read-only copy) opens for reads (``mode=ro``, or
 ``immutable=1`` when WAL's shared-memory file cannot be made); ``put_many`` then says so.
 A store in the former one-SQLite-table layout (``embeddings.sqlite``) is imported once on open
-(``maintenance.import_legacy``) and renamed ``embeddings.sqlite.migrated``.
+(``_import_legacy``, reading it through ``legacy.py``) and renamed ``embeddings.sqlite.migrated``.
+
+Length: about 70 lines of this module are the design notes above; the rest is one class, the store's
+read and write paths around one lock and one index, which its maintenance (``maintenance.py``) builds on.
 """
 
 from __future__ import annotations
@@ -82,8 +85,7 @@ from pathlib import Path
 import numpy as np
 
 from dewey_lab.data.store.index import IN_BATCH, INDEX_NAME, LEGACY_NAME, batched, connect, write_txn
-from dewey_lab.data.store.maintenance import import_legacy
-from dewey_lab.data.store.maintenance import verify as _verify
+from dewey_lab.data.store.legacy import legacy_blocks, legacy_dtype, retire
 from dewey_lab.data.store.shards import ShardGone, ShardWriter, fsync_dir, shard_name
 
 FORMAT = 2
@@ -145,7 +147,7 @@ class VectorStore:
                 raise PermissionError(self._ro_message(f"it holds {LEGACY_NAME} of the former layout, "
                                                        "which needs a one-time import"))
             self.shard_dir.mkdir(exist_ok=True)
-            import_legacy(self, legacy)
+            self._import_legacy(legacy)
         stored = self._meta("dtype")
         if stored is None and not self.read_only:
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('dtype', ?)", (dtype or "float32",))
@@ -442,6 +444,19 @@ class VectorStore:
                 "bytes_per_vector": round((shard_bytes + index_bytes) / n, 1) if n else None,
                 "read_only": self.read_only}
 
-    def verify(self, repair: bool = False) -> dict:
-        """``maintenance.verify`` (kept as a method: callers check a store with ``store.verify()``)."""
-        return _verify(self, repair=repair)
+    def _import_legacy(self, legacy: Path) -> None:
+        """Import the former one-table store (``legacy.py``) block by block under the exclusive lock (resumable:
+        keys already imported are skipped), then rename it ``embeddings.sqlite.migrated``."""
+        with self._locked(exclusive=True):
+            if not legacy.exists():  # another process imported it while we waited
+                return
+            old, ours = legacy_dtype(legacy), self._meta("dtype")
+            if ours is None:
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('dtype', ?)", (old,))
+            elif ours != old:
+                raise ValueError(f"teacher cache {self.dir}: {LEGACY_NAME} stores {old} but {INDEX_NAME} holds "
+                                 f"{ours}; move one of them to another data.cache.dir")
+            self._set_dtype(old)
+            for keys, blob in legacy_blocks(legacy):  # not put_many: we hold the lock exclusively
+                self._append(keys, np.frombuffer(blob, dtype=self._np_dtype).reshape(len(keys), -1))
+            retire(legacy)
