@@ -33,8 +33,20 @@ def grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[flo
     return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))), grads
 
 
-def norm_of_sum(*parts: list[torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(((sum(gs)).float() ** 2).sum() for gs in zip(*parts))))
+def combo_norm(parts: list[tuple[float, list[torch.Tensor]]]) -> float:
+    """|| sum_i w_i g_i || over every parameter, for (weight w_i, gradient list g_i) pairs."""
+    total = 0.0
+    for tensors in zip(*(grads for _, grads in parts)):  # one parameter's gradient from each term
+        acc = sum(w * t for (w, _), t in zip(parts, tensors))
+        total += float((acc.float() ** 2).sum())
+    return total ** 0.5
+
+
+# The weightings compared: (cosine reduction, cosine weight, similarity weight); "per_window" scales the averaged
+# cosine's weight by the batch's windows so that the whole-text term equals the paper's sum exactly.
+WEIGHTINGS = {"paper: cosine summed, 10 : 200": ("sum", 10.0, 200.0),
+              "cosine averaged, 10 : 200": ("mean", 10.0, 200.0),
+              "cosine averaged, 10 x windows : 200": ("mean", "per_window", 200.0)}
 
 
 def measure(config_files: list[str], start: str, batches: int) -> dict:
@@ -48,7 +60,6 @@ def measure(config_files: list[str], start: str, batches: int) -> dict:
     sub = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": False}
     kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False, "fit": sub}
     config = merged_config(["fit", *[a for f in config_files for a in ("-c", f)]], kwargs)
-    weights = {name: term["init_args"].get("weight", 1.0) for name, term in config["model"]["losses"].items()}
     dm = DistillDataModule.from_config(config)
     dm.prepare_data()  # reads the cache; embeds whatever is missing (run the experiment's fill first)
     dm.setup("fit")
@@ -62,70 +73,68 @@ def measure(config_files: list[str], start: str, batches: int) -> dict:
         emb = module(batch)
         pairs = {k: (emb[k].float(), batch[f"t_{k}"].float()) for k in ("whole", "chunk")}
         n = {k: len(pairs[k][0]) for k in pairs}
-        g, norms = {}, {}
+        g, unit = {}, {}  # each term's gradient at weight 1
         for target in ("whole", "chunk"):
             for red in ("sum", "mean"):
-                norms[f"cosine_{target}_{red}"], g[f"cosine_{target}_{red}"] = grad_norm(
-                    weights["cosine"] * cosine_loss(*pairs[target], reduction=red), params)
-            norms[f"similarity_{target}"], g[f"similarity_{target}"] = grad_norm(
-                weights["similarity"] * similarity_mse_loss(*pairs[target]), params)
-        for red in ("sum", "mean"):
-            whole = [g[f"cosine_whole_{red}"], g["similarity_whole"]]
-            chunk = [g[f"cosine_chunk_{red}"], g["similarity_chunk"]]
-            norms[f"both_{red}"] = norm_of_sum(*whole, *chunk)
-            norms[f"whole_terms_{red}"] = norm_of_sum(*whole)
-            norms[f"chunk_terms_{red}"] = norm_of_sum(*chunk)
-        rows.append({"n_whole": n["whole"], "n_chunk": n["chunk"], **norms, "seconds": time.perf_counter() - t0})
-        print(f"batch {len(rows)}: {n['whole']} windows, {n['chunk']} chunks, "
-              f"both sum {norms['both_sum']:.3g} / mean {norms['both_mean']:.3g}", file=sys.stderr)
-    return {"config": config_files, "start": str(ckpt), "weights": weights, "rows": rows}
+                unit[f"cosine_{target}_{red}"], g[f"cosine_{target}_{red}"] = grad_norm(
+                    cosine_loss(*pairs[target], reduction=red), params)
+            unit[f"similarity_{target}"], g[f"similarity_{target}"] = grad_norm(
+                similarity_mse_loss(*pairs[target]), params)
+        combos = {}
+        for name, (red, w_cos, w_sim) in WEIGHTINGS.items():
+            w = float(n["whole"]) * 10.0 if w_cos == "per_window" else w_cos
+            terms = {t: [(w, g[f"cosine_{t}_{red}"]), (w_sim, g[f"similarity_{t}"])] for t in ("whole", "chunk")}
+            combos[name] = {"cosine_weight": w, "whole": combo_norm(terms["whole"]),
+                            "chunk": combo_norm(terms["chunk"]), "both": combo_norm(terms["whole"] + terms["chunk"]),
+                            "whole_cosine": w * unit[f"cosine_whole_{red}"], "chunk_cosine": w * unit[f"cosine_chunk_{red}"],
+                            "whole_similarity": w_sim * unit["similarity_whole"],
+                            "chunk_similarity": w_sim * unit["similarity_chunk"]}
+        rows.append({"n_whole": n["whole"], "n_chunk": n["chunk"], "unit": unit, "combos": combos,
+                     "seconds": time.perf_counter() - t0})
+        print(f"batch {len(rows)}: {n['whole']} windows, {n['chunk']} chunks", file=sys.stderr)
+    return {"config": config_files, "start": str(ckpt), "rows": rows}
 
 
 def report(result: dict, command: str) -> list[str]:
     rows = result["rows"]
 
-    def med(key: str) -> float:
-        return statistics.median(r[key] for r in rows)
+    def med(get) -> float:
+        return statistics.median(get(r) for r in rows)
 
     lines = [
-        "# Loss balance: gradient norm of each term on real small-scale batches",
+        "# Loss balance: how hard each term pulls on the student, on real small-scale batches",
         "",
         f"Command: `{command}`",
-        (f"Start: `{result['start']}`; weights {result['weights']}; {len(rows)} training batches, medians shown; "
-         f"{med('n_whole'):.0f} windows and {med('n_chunk'):.0f} chunks per batch. Gradients of `weight x term` "
-         "with respect to the student's parameters, each term alone (fp32)."),
         "",
-        "| term | target | cosine summed | cosine averaged |",
-        "|---|---|---:|---:|",
+        (f"Start: `{result['start']}`; {len(rows)} training batches (medians shown), "
+         f"{med(lambda r: r['n_whole']):.0f} windows and {med(lambda r: r['n_chunk']):.0f} chunks per batch. Each "
+         "entry is the norm of a term's gradient with respect to the student's parameters, the term alone (fp32); "
+         "`both` is the norm of the summed gradient of all four terms, what a `both` run's step follows before "
+         "clipping at 1.0; `whole share` is ||g_whole|| / (||g_whole|| + ||g_chunk||), whole-text terms against "
+         "chunk terms."),
+        "",
+        "| weighting | cosine weight | cos whole | cos chunk | sim whole | sim chunk | both | whole share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for target in ("whole", "chunk"):
-        lines.append(f"| cosine | {target} | {med(f'cosine_{target}_sum'):.3g} | {med(f'cosine_{target}_mean'):.3g} |")
-    for target in ("whole", "chunk"):
-        lines.append(f"| similarity (a mean) | {target} | {med(f'similarity_{target}'):.3g} | "
-                     f"{med(f'similarity_{target}'):.3g} |")
-    for red, label in (("sum", "summed"), ("mean", "averaged")):
-        share = statistics.median(r[f"whole_terms_{red}"] / (r[f"whole_terms_{red}"] + r[f"chunk_terms_{red}"])
-                                  for r in rows)
-        lines.append(f"| **both: all terms** ({label}) | whole + chunk | {med(f'both_{red}'):.3g} | |"
-                     if red == "sum" else
-                     f"| **both: all terms** ({label}) | whole + chunk | | {med(f'both_{red}'):.3g} |")
-        lines.append(f"| whole-text terms' share of the norm (cosine {label}) | | "
-                     + (f"{share:.1%} |  |" if red == "sum" else f" | {share:.1%} |"))
-    lines += [
-        "",
-        ("The whole-text terms' share is ||g_whole|| / (||g_whole|| + ||g_chunk||), per batch. Gradient clipping "
-         "(`trainer.gradient_clip_val: 1.0`) rescales any step whose total norm is above 1."),
-        "",
-        "<details><summary>per batch</summary>",
-        "",
-        ("| batch | windows | chunks | cos whole sum | cos chunk sum | cos whole mean | cos chunk mean | sim whole "
-         "| sim chunk |"),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    for name in WEIGHTINGS:
+        def c(key: str, name: str = name) -> float:
+            return med(lambda r: r["combos"][name][key])
+
+        def share_of(r: dict, name: str = name) -> float:
+            return r["combos"][name]["whole"] / (r["combos"][name]["whole"] + r["combos"][name]["chunk"])
+
+        lines.append(f"| {name} | {c('cosine_weight'):.0f} | {c('whole_cosine'):.3g} | {c('chunk_cosine'):.3g} | "
+                     f"{c('whole_similarity'):.3g} | {c('chunk_similarity'):.3g} | {c('both'):.3g} | "
+                     f"{med(share_of):.1%} |")
+    lines += ["", "<details><summary>per batch, each term at weight 1</summary>", "",
+              ("| batch | windows | chunks | cos whole sum | cos chunk sum | cos whole mean | cos chunk mean | "
+               "sim whole | sim chunk |"),
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | {r['n_whole']} | {r['n_chunk']} | {r['cosine_whole_sum']:.3g} | "
-                     f"{r['cosine_chunk_sum']:.3g} | {r['cosine_whole_mean']:.3g} | {r['cosine_chunk_mean']:.3g} | "
-                     f"{r['similarity_whole']:.3g} | {r['similarity_chunk']:.3g} |")
+        u = r["unit"]
+        lines.append(f"| {i} | {r['n_whole']} | {r['n_chunk']} | {u['cosine_whole_sum']:.3g} | "
+                     f"{u['cosine_chunk_sum']:.3g} | {u['cosine_whole_mean']:.3g} | {u['cosine_chunk_mean']:.3g} | "
+                     f"{u['similarity_whole']:.3g} | {u['similarity_chunk']:.3g} |")
     return [*lines, "", "</details>", ""]
 
 

@@ -358,3 +358,19 @@ def test_init_from_starts_a_run_from_another_runs_weights(tmp_path, small_corpus
     (tmp_path / "empty").mkdir()
     none = _small(tmp_path / "d", small_corpus_path, shared_cache_dir, **{"model.init_from": str(tmp_path / "empty")})
     assert "no finished run with checkpoints/last.ckpt under" in _error_line(capsys, ["fit", "-c", TINY, "-c", none])
+
+
+def test_last_checkpoint_holds_the_final_step(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch):
+    """A run whose last step is not a periodic checkpoint's still ends with last.ckpt at its final step (Lightning
+    alone keeps the last periodic one: step 2 of 3 here), so eval, export and init_from read the trained weights."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    small = _small(tmp_path, small_corpus_path, shared_cache_dir, **{"trainer.max_steps": 3, "trainer.max_epochs": 10,
+                                                                     "trainer.callbacks": [],
+                                                                     "checkpoint": {"every_n_train_steps": 2}})
+    main(["fit", "-c", TINY, "-c", small])
+    last = next((tmp_path / "runs" / "small").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    periodic = [p for p in last.parent.glob("*.ckpt") if p.name != "last.ckpt"]
+    assert [torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in periodic] == [2]

@@ -24,12 +24,26 @@ from dewey_lab.runs.checkpoint import SafeCheckpointIO
 from dewey_lab.runs.experiments import run_root, stack_maps
 
 
+class FinalModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` holds the weights training ended with.
+
+    Lightning (2.6) writes ``last.ckpt`` at the end of a fit only when no periodic checkpoint was written during it:
+    a 318-step run with a checkpoint every 50 steps kept step 300 as ``last.ckpt``, so evaluation, export and
+    ``model.init_from`` read weights 18 steps short of the end. Here the end of training saves ``last.ckpt`` again
+    unless the last periodic save was at the final step."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
 class DeweyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--sweep", type=dict | None, default=None,
                             help="a study's sweep: dotted key -> list of values (see dewey_lab/runs/sweep.py)")
         # periodic checkpoints (YAML `checkpoint:`), so a killed run loses at most every_n_train_steps steps
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FinalModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         # the data module tokenises with the student's tokenizer: one setting, two readers
         parser.link_arguments(("model.student.tokenizer", "model.student.name_or_path"), "data.windows.tokenizer",
