@@ -5,12 +5,14 @@
 
 On real training batches of the experiment (its windows, chunks and teacher cache: run its fill first) and the
 student of ``--start`` (the checkpoint every variant starts from), each term's gradient with respect to the
-student's parameters is taken alone: ``weight x term(target)`` for the cosine term summed over items (the Dewey
-report's formula) and averaged, and for the similarity term (a mean by definition). With the sum, the chunk term
-grows with the number of chunks per batch (~40 per 2k window) and the whole-text term with the number of windows,
-so a ``both`` run trains mostly on chunks; with gradient clipping at 1.0 the scale of the sum also decides how
-much of each step is clipped away. The report gives per-batch medians and the share of the whole-text terms in
-the norm of the summed gradient, which is what a ``both`` run's step follows.
+student's parameters is taken alone at weight 1: the cosine term summed over items (the Dewey report's formula) and
+averaged, and the similarity term (a mean by definition), each on the whole texts and on the chunks. Three
+weightings are then compared from those gradients (``WEIGHTINGS``): the paper's sum at 10 : 200, the average at
+10 : 200, and the average at 10 x (windows per batch) : 200, which makes the whole-text cosine term exactly the
+paper's sum and gives the chunk term the same weight per target. With the sum, the chunk term grows with the ~40
+chunks per 2k window, so a ``both`` run trains mostly on chunks, and with gradient clipping at 1.0 the scale of the
+sum decides how much of each step is clipped away. The report gives per-batch medians of each weighted term's
+gradient norm, of all four together (a ``both`` step before clipping), and the whole-text terms' share.
 """
 
 from __future__ import annotations
