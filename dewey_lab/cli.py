@@ -220,8 +220,8 @@ def run_sweep(argv: list[str], parser_kwargs: dict) -> None:
         if show:
             print(shlex.join(["dewey-lab", *cmd[3:]]))
             continue
-        if k is not None and not force:
-            resolved = merged_config(["fit", *variant_args(argv, block, k)], parser_kwargs)
+        if not force:  # a plain file (k None) too: a '# start:' experiment is trained once, then skipped
+            resolved = merged_config(["fit", *(argv if k is None else variant_args(argv, block, k))], parser_kwargs)
             data_key = json.dumps([resolved.get("data"), (resolved.get("model") or {}).get("student")],
                                   sort_keys=True, default=str)
             if data_key not in fingerprints:

@@ -362,3 +362,23 @@ def test_last_resumes_its_own_variant_while_another_is_newer_and_a_crash_says_ho
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "is of this run" in lines[0] and "model.lr (0.5 here, 0.001 there)" in lines[0]
+
+
+def test_a_plain_experiment_runs_once_and_a_rerun_skips_it(tmp_path, small_corpus_path, shared_cache_dir, monkeypatch,
+                                                           capsys):
+    """A file with no sweep (a '# start:' experiment such as small_start) is trained once: make train runs it before
+    every variant of a study on its scale, and a finished run of the same identity is skipped, not trained again."""
+    import dewey_lab.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dewey_lab.cli, "launch", in_process)
+    plain = _scale(tmp_path / "plain_start.yaml", small_corpus_path, shared_cache_dir)
+    main(["sweep", "-c", TINY, "-c", plain])
+    assert "skipped" not in capsys.readouterr().err
+    root = tmp_path / "runs" / "plain_start"
+    first = sorted(p.name for p in root.iterdir())
+    assert len(first) == 1 and _info(root / first[0])["finished"]
+    main(["sweep", "-c", TINY, "-c", plain])
+    err = capsys.readouterr().err
+    assert "plain_start/default finished before" in err and "skipped" in err, err
+    assert sorted(p.name for p in root.iterdir()) == first
