@@ -374,3 +374,9 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, small_corpus_path, share
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
     periodic = [p for p in last.parent.glob("*.ckpt") if p.name != "last.ckpt"]
     assert [torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in periodic] == [2]
+    saved = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]
+    assert [k.split("{")[0] for k in saved if "Checkpoint" in k] == ["ModelCheckpoint"]  # Lightning's own key
+    # trained longer: the resume writes last.ckpt again (a callback state that did not load would give last-v1.ckpt)
+    main(["fit", "-c", TINY, "-c", small, "--trainer.max_steps=5", "--ckpt_path", "last"])
+    assert sorted(p.name for p in last.parent.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 5

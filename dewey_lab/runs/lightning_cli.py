@@ -32,6 +32,12 @@ class FinalModelCheckpoint(ModelCheckpoint):
     ``model.init_from`` read weights 18 steps short of the end. Here the end of training saves ``last.ckpt`` again
     unless the last periodic save was at the final step."""
 
+    @property
+    def state_key(self) -> str:
+        # Lightning keys a callback's saved state by its class name: this one's is ModelCheckpoint's, so checkpoints
+        # written before it (and after) restore its last_model_path, and a resume keeps writing last.ckpt, not last-v1
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
