@@ -52,10 +52,12 @@ import random
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dewey_lab.data.corpus import JsonlCorpus
 from dewey_lab.data.pydoc import PydocCorpus
 from dewey_lab.eval.tasks.heldout import heldout_texts, package_versions
 from dewey_lab.eval.tasks.task import RetrievalTask
@@ -139,7 +141,9 @@ def make_deep(
 
     meta: dict = {"source": source, "seed": seed, "min_depth": min_depth, "max_tokens": max_tokens,
                   "tokenizer": getattr(tokenizer, "name_or_path", None)}
-    pages = {doc.doc_id: doc.text for doc in PydocCorpus(cache_path=corpus_path).documents()}
+    # a built corpus is read as it is (the package corpus too); a missing one is the stdlib corpus, built here
+    source_pages = JsonlCorpus(corpus_path) if Path(corpus_path).exists() else PydocCorpus(cache_path=corpus_path)
+    pages = {doc.doc_id: doc.text for doc in source_pages.documents()}
     training = list(pages.values())  # every page: whatever val_fraction a student trained with
     if source == "heldout":
         texts = heldout_texts()
