@@ -382,3 +382,25 @@ def test_a_plain_experiment_runs_once_and_a_rerun_skips_it(tmp_path, small_corpu
     err = capsys.readouterr().err
     assert "plain_start/default finished before" in err and "skipped" in err, err
     assert sorted(p.name for p in root.iterdir()) == first
+
+
+def test_compare_reads_runs_kept_with_the_results_when_the_run_folder_lacks_them(tmp_path):
+    """A study trained over several sessions keeps each finished run's record (no checkpoints) under
+    results/<study>/runs/; make compare on a fresh machine reports those beside whatever runs/<study>/ holds, and a
+    run present in both is read from runs/ once."""
+    from dewey_lab.runs.compare import compare
+
+    study = tmp_path / "st.yaml"
+    study.write_text("sweep:\n  model.lr: [1, 2, 3]\n")
+    kept = tmp_path / "results" / "st" / "runs"
+    _fake_run(kept, "lr=1", {"val/cos_whole": 0.25}, order=0)
+    _fake_run(kept, "lr=2", {"val/cos_whole": 0.5}, order=1)
+    _fake_run(tmp_path / "runs" / "st", "lr=2", {"val/cos_whole": 0.5}, order=1)
+    _fake_run(tmp_path / "runs" / "st", "lr=3", {"val/cos_whole": 0.75}, order=2)
+    report = compare("st", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"),
+                     study_file=str(study)).read_text()
+    rows = [line.split(" | ")[0][2:] for line in report.splitlines() if line.startswith("| lr=")]
+    assert rows == ["lr=1", "lr=2", "lr=3"]
+    assert [line for line in report.splitlines() if line.startswith("| lr=2 |")][0].rstrip(" |").endswith("1")
+    with pytest.raises(FileNotFoundError, match="run make train EXP=nothing first"):
+        compare("nothing", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"), study_file=str(study))

@@ -142,8 +142,11 @@ def compare(study: str, runs_dir: str = "runs", out_dir: str = "results", study_
 
     root = Path(runs_dir) / study
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    kept = Path(out_dir) / study / "runs"  # finished runs' records committed with the results (no checkpoints)
+    here = {p.name for p in runs}
+    runs += sorted(p for p in kept.iterdir() if p.is_dir() and p.name not in here) if kept.is_dir() else []
     if not runs:
-        raise FileNotFoundError(f"no runs under {root}; run make train EXP={study} first")
+        raise FileNotFoundError(f"no runs under {root} or {kept}; run make train EXP={study} first")
     study_path = Path(study_file) if study_file else Path("experiments") / f"{study}.yaml"
     primary = endpoint(study_path)  # a malformed line stops here, before any work
     order = _variant_order(study_path)
