@@ -401,6 +401,6 @@ def test_compare_reads_runs_kept_with_the_results_when_the_run_folder_lacks_them
                      study_file=str(study)).read_text()
     rows = [line.split(" | ")[0][2:] for line in report.splitlines() if line.startswith("| lr=")]
     assert rows == ["lr=1", "lr=2", "lr=3"]
-    assert [line for line in report.splitlines() if line.startswith("| lr=2 |")][0].rstrip(" |").endswith("1")
+    assert next(line for line in report.splitlines() if line.startswith("| lr=2 |")).rstrip(" |").endswith("1")
     with pytest.raises(FileNotFoundError, match="run make train EXP=nothing first"):
         compare("nothing", runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"), study_file=str(study))
