@@ -278,7 +278,7 @@ def _only(studies: list, context: dict[int, str], only: str) -> tuple[list, dict
     wanted = [w.strip() for w in only.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in names]
     if unknown:
-        raise ValueError(f"--only {','.join(unknown) or only}: not a run of this study; its runs: {', '.join(names)}")
+        raise ValueError(f"--only {','.join(unknown)}: not a run of this study; its runs: {', '.join(names)}")
     keep = [k for k, n in enumerate(names) if n in wanted]
     return [studies[k] for k in keep], {i: context[k] for i, k in enumerate(keep) if k in context}
 

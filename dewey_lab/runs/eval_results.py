@@ -24,10 +24,9 @@ def _label(row: dict) -> str:
     return row.get("model", "?")
 
 
-def study_labels(config: Path) -> list[str]:
-    """The eval study's run labels (label, else model) in file order."""
-    data = yaml.safe_load(Path(config).read_text()) or {}
-    return [str(r.get("label") or r.get("model")) for r in data.get("runs") or []]
+def _label_of(run: dict) -> str:
+    """A study run's label (label, else model), as its rows name it."""
+    return str(run.get("label") or run.get("model"))
 
 
 def merged_results(folder: Path, config: Path) -> dict:
@@ -55,11 +54,11 @@ def merged_results(folder: Path, config: Path) -> dict:
             by_label.setdefault(_label(row), []).append(row)
         for label, rows in by_label.items():
             chosen.setdefault(label, (f, rows))
-    order = study_labels(config)
+    study_runs = (yaml.safe_load(Path(config).read_text()) or {}).get("runs") or []  # the eval study's, in file order
+    order = [_label_of(r) for r in study_runs]
     labels = [x for x in order if x in chosen] + sorted(x for x in chosen if x not in order)
     rows = [row for label in labels for row in chosen[label][1]]
-    settings = {**key(newest), "runs": [r for r in (yaml.safe_load(Path(config).read_text()) or {}).get("runs", [])
-                                        if str(r.get("label") or r.get("model")) in chosen]}
+    settings = {**key(newest), "runs": [r for r in study_runs if _label_of(r) in chosen]}
     return {"model": "study", "settings": settings, "rows": rows, "summary": summarize(rows),
             **add_statistics(rows), "merged_from": {label: str(chosen[label][0]) for label in labels},
             "skipped": sorted(skipped)}
