@@ -5,7 +5,7 @@ SHELL := /bin/bash
 EXP ?= tiny
 # a study (theta_ablation, ...) runs on the scale its first line names (`# scale: small`), else on the
 # tiny CPU scale; SCALE= (empty) or SCALE=dewey overrides it
-SCALE ?= $(if $(filter tiny small small_start dewey,$(EXP)),,$(or $(shell sed -n '1s/^\# scale: *//p' experiments/$(EXP).yaml 2>/dev/null),tiny))
+SCALE ?= $(if $(filter tiny small dewey,$(EXP)),,$(or $(shell sed -n '1s/^\# scale: *//p' experiments/$(EXP).yaml 2>/dev/null),tiny))
 # a '# start: <experiment>' line in the scale's or the study's file trains that experiment first (skipped when
 # finished): its run is the start the file's model.init_from names (train short, then long)
 START ?= $(strip $(shell sed -n 's/^\# start: *//p' $(if $(SCALE),experiments/$(SCALE).yaml) experiments/$(EXP).yaml 2>/dev/null | head -1))

