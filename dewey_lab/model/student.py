@@ -128,7 +128,8 @@ def build_student(spec: StudentConfig, tokenizer=None) -> ModernBertModel:
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("student: %s, %.1fM params, attention %s, rope theta global %.0f local %.0f",
-             spec.name_or_path or ("random init, token table from " + spec.embeddings_from if spec.embeddings_from
+             spec.name_or_path or ("weights from a checkpoint" if _WEIGHTS_FOLLOW.get() else
+                                   "random init, token table from " + spec.embeddings_from if spec.embeddings_from
                                    else "random init"), sum(p.numel() for p in model.parameters()) / 1e6, attn,
              *rope_thetas(model.config))
     return model
